@@ -1,1 +1,18 @@
-"""prunequant."""
+"""prunequant: low-precision structured subnetworks for PyTorch.
+
+Greedy layerwise channel pruning (importance = mean |activation| measured on the network whose earlier
+layers are already pruned) combined with statistics-based uniform quantization-aware training
+(Zhang, Colbert and Das, Applied Sciences 2022).
+"""
+
+from .graph.discover import GraphError, Plan, Site
+from .metrics.measure import Measurement, measure
+from .recipe import LayerBits, PruneConfig, QuantConfig, Recipe, RecipeError
+from .train.compressor import Compressor, Timeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Compressor", "GraphError", "LayerBits", "Measurement", "Plan", "PruneConfig", "QuantConfig",
+    "Recipe", "RecipeError", "Site", "Timeline", "measure", "__version__",
+]

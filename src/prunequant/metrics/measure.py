@@ -1,0 +1,155 @@
+"""Cost of a (masked, quantized or plain) model: METHOD section 6.
+
+Definitions (per sample, i.e. batch size 1):
+
+* ``params``: parameters that remain once pruned channels are removed (conv / linear weights and
+  biases, norm affine parameters of pruned channels; everything else counted whole).
+* ``macs``: multiply-accumulates of conv / linear layers over remaining channels (FLOPs = 2 x MACs).
+* ``bops``: sum over layers of MACs x weight bits x input-activation bits (32 for float).
+* ``weight_mbit``: conv / linear weight elements that remain x their bit-width / 1e6 (biases and
+  norm parameters are kept in higher precision and reported in ``params`` only).
+* ``act_mbit``: elements of every tensor that enters a conv / linear layer (each tensor once), over
+  remaining channels, x its bit-width / 1e6. This is ``#act * b_a * (1 - s_a)`` of the paper.
+* ``memory_mbit = weight_mbit + act_mbit``; performance ``density = metric / memory_mbit``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph.discover import CONVT_TYPES, LAYER_TYPES, NORM_TYPES, Plan, raw_weight, weight_quantizer
+from ..prune.mask import ChannelMask
+from ..quant.quantizers import ActQuantizer
+
+FLOAT_BITS = 32
+
+
+@dataclass
+class LayerCost:
+    """Per-layer numbers behind :class:`Measurement`."""
+
+    name: str
+    macs: int
+    weights: int
+    weight_bits: int
+    act_bits: int
+    act_elements: int
+    in_fraction: float
+    out_fraction: float
+
+
+@dataclass
+class Measurement:
+    """Params, MACs, BOPs and memory of a model on one sample."""
+
+    params: int
+    macs: int
+    bops: int
+    weight_mbit: float
+    act_mbit: float
+    memory_mbit: float
+    layers: list[LayerCost] = field(default_factory=list)
+
+    def density(self, metric: float) -> float:
+        """Performance density: ``metric / memory_mbit`` (e.g. accuracy % per Mbit)."""
+        return float(metric) / self.memory_mbit if self.memory_mbit > 0 else float("nan")
+
+    def as_dict(self, with_layers: bool = False) -> dict[str, Any]:
+        d = asdict(self)
+        if not with_layers:
+            d.pop("layers")
+        return d
+
+
+def _site_fractions(model: nn.Module, plan: Plan | None) -> tuple[dict[str, float], dict[str, float]]:
+    """``{site name: kept fraction}`` and ``{norm module: kept fraction}``."""
+    site_frac: dict[str, float] = {}
+    norm_frac: dict[str, float] = {}
+    if plan is None:
+        return site_frac, norm_frac
+    for s in plan.sites:
+        m = model.get_submodule(s.mask)
+        assert isinstance(m, ChannelMask)
+        f = m.kept / s.channels
+        site_frac[s.name] = f
+        for n in ([s.norm] if s.norm else []) + list(s.tied_norms):
+            norm_frac[n] = f
+    return site_frac, norm_frac
+
+
+@torch.no_grad()
+def measure(model: nn.Module, example_input: Tensor) -> Measurement:
+    """Measure ``model`` on the first sample of ``example_input`` (see module docs for definitions)."""
+    plan: Plan | None = getattr(model, "pq_plan", None)
+    site_frac, norm_frac = _site_fractions(model, plan)
+    names = {m: n for n, m in model.named_modules()}
+    aq_bits: dict[str, int] = {}
+    for n, m in model.named_modules():
+        if isinstance(m, ActQuantizer) and bool(m.enabled):
+            aq_bits[n] = m.bits
+    records: list[LayerCost] = []
+    seen_inputs: set[tuple] = set()
+    alive: list[Tensor] = []  # keeps inputs referenced so their data_ptr stays unique during the pass
+
+    def hook(mod: nn.Module, inp: tuple, out: Tensor) -> None:
+        name = names[mod]
+        x = inp[0]
+        info = plan.layers.get(name) if plan is not None else None
+        fin = site_frac.get(info.input_site, 1.0) if info and info.input_site else 1.0
+        fout = site_frac.get(info.output_site, 1.0) if info and info.output_site else 1.0
+        w = raw_weight(mod)
+        if isinstance(mod, nn.Linear):
+            dense_macs = w.numel() * (out.numel() // out.shape[-1])
+        elif isinstance(mod, CONVT_TYPES):
+            dense_macs = w.numel() * x[0].numel() // x.shape[1]
+        else:
+            dense_macs = w.numel() * (out[0].numel() // out.shape[1])
+        frac = fout if (info is not None and info.depthwise) else fin * fout
+        wq = weight_quantizer(mod)
+        wb = wq.bits if wq is not None and bool(wq.enabled) else FLOAT_BITS
+        ab = aq_bits.get(info.act_quant, FLOAT_BITS) if info and info.act_quant else FLOAT_BITS
+        key = (x.data_ptr(), tuple(x.shape))
+        act_el = 0 if key in seen_inputs else round(x[0].numel() * fin)
+        seen_inputs.add(key)
+        alive.append(x)
+        records.append(LayerCost(name, round(dense_macs * frac), round(w.numel() * frac), wb, ab, act_el,
+                                 fin, fout))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    was = model.training
+    try:
+        model.eval()
+        model(example_input[:1])
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+
+    # Parameters: layers with their fractions, norms of pruned sites, everything else whole.
+    params = 0
+    counted: set[int] = set()
+    by_name = {r.name: r for r in records}
+    for n, m in model.named_modules():
+        if isinstance(m, LAYER_TYPES) and n in by_name:
+            r = by_name[n]
+            params += r.weights
+            counted.add(id(raw_weight(m)))
+            if m.bias is not None:
+                params += round(m.bias.numel() * r.out_fraction)
+                counted.add(id(m.bias))
+        elif isinstance(m, NORM_TYPES) and n in norm_frac:
+            for p in m.parameters(recurse=False):
+                params += round(p.numel() * norm_frac[n])
+                counted.add(id(p))
+    params += sum(p.numel() for p in model.parameters() if id(p) not in counted)
+
+    macs = sum(r.macs for r in records)
+    bops = sum(r.macs * r.weight_bits * r.act_bits for r in records)
+    wmbit = sum(r.weights * r.weight_bits for r in records) / 1e6
+    ambit = sum(r.act_elements * r.act_bits for r in records) / 1e6
+    return Measurement(params=int(params), macs=int(macs), bops=int(bops), weight_mbit=wmbit,
+                       act_mbit=ambit, memory_mbit=wmbit + ambit, layers=records)

@@ -1,0 +1,103 @@
+"""Channel masks on activations, with the running importance statistics of METHOD section 2.
+
+A :class:`ChannelMask` sits right after a prunable activation (the tensor the next conv / linear
+sees). It multiplies channel ``c`` by ``mask[c]`` (0 or 1). While ``collecting`` is set and the
+module is in training mode it adds the per-channel statistic of its *input* (the activation before
+its own mask, after every earlier mask) to ``stat_sum`` and counts the batch in ``stat_count``:
+an equal-weight mean over the batches of the estimation window.
+
+All state is in buffers (``mask``, ``stat_sum``, ``stat_count``, ``collecting``, ``frozen``,
+``collected_steps``), so ``state_dict`` round-trips it and ranks can all-reduce the sums.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+ACTIVATION_STATS = ("a_l1", "a_l0")
+
+
+def batch_channel_stat(x: Tensor, kind: str) -> Tensor:
+    """Per-channel statistic of one batch, channels on dim 1: mean |a| (A-L1) or fraction != 0 (A-L0)."""
+    x = x.detach()
+    dims = [d for d in range(x.dim()) if d != 1]
+    if kind == "a_l1":
+        return x.abs().mean(dim=dims)
+    if kind == "a_l0":
+        return (x != 0).to(x.dtype).mean(dim=dims)
+    raise ValueError(f"unknown activation statistic {kind!r}; allowed: {ACTIVATION_STATS}")
+
+
+def n_pruned(sparsity: float, channels: int) -> int:
+    """``floor(s * C)`` channels to remove, keeping at least one channel."""
+    if not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
+    # The small epsilon protects against 0.3 * 10 = 2.9999999999999996.
+    return min(int(math.floor(sparsity * channels + 1e-9)), channels - 1)
+
+
+def mask_from_scores(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask (float 0/1) removing the ``floor(s*C)`` lowest-scoring channels.
+
+    Ties are broken deterministically: among equal scores the lower channel index is removed first.
+    """
+    c = scores.numel()
+    k = n_pruned(sparsity, c)
+    mask = torch.ones(c, dtype=torch.float32, device=scores.device)
+    if k == 0:
+        return mask
+    # Stable sort on (score, index): torch.sort(stable=True) keeps index order among equal scores.
+    order = torch.sort(scores.detach().to(torch.float64), stable=True).indices
+    mask[order[:k]] = 0.0
+    return mask
+
+
+class ChannelMask(nn.Module):
+    """Multiply channel ``c`` (dim 1) by ``mask[c]``; optionally gather activation statistics."""
+
+    def __init__(self, channels: int, stat: str = "a_l1"):
+        super().__init__()
+        if stat not in ACTIVATION_STATS + ("none",):
+            raise ValueError(f"unknown statistic {stat!r}")
+        self.channels = int(channels)
+        self.stat = stat
+        self.register_buffer("mask", torch.ones(channels))
+        self.register_buffer("stat_sum", torch.zeros(channels, dtype=torch.float64))
+        self.register_buffer("stat_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("collecting", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+
+    def reset_stats(self) -> None:
+        """Forget the running statistics (start of an estimation window)."""
+        self.stat_sum.zero_()
+        self.stat_count.zero_()
+
+    def mean_stat(self) -> Tensor:
+        """Equal-weight mean of the per-batch statistic over the batches seen so far."""
+        if self.stat_count <= 0:
+            return torch.zeros_like(self.stat_sum)
+        return self.stat_sum / self.stat_count
+
+    @property
+    def kept(self) -> int:
+        """Number of channels the mask keeps."""
+        return int(self.mask.count_nonzero())
+
+    def forward(self, x: Tensor, collect: bool = True) -> Tensor:
+        """Apply the mask; gather statistics of the unmasked input while collecting.
+
+        ``collect=False`` is used where the same mask is applied a second time (tied depthwise).
+        """
+        if collect and self.training and bool(self.collecting) and self.stat != "none":
+            with torch.no_grad():
+                self.stat_sum += batch_channel_stat(x, self.stat).to(torch.float64)
+                self.stat_count += 1
+        shape = [1] * x.dim()
+        shape[1] = -1
+        return x * self.mask.to(x.dtype).reshape(shape)
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, stat={self.stat}"

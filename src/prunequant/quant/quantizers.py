@@ -1,0 +1,206 @@
+"""Statistics-based uniform quantizers (METHOD section 5) with straight-through gradients.
+
+Both quantizers keep all their state in buffers, so a model's ``state_dict`` carries it and the
+running sums can be all-reduced across ranks (sum of ``stat_sum`` and ``stat_count``).
+
+* :class:`WeightQuantizer`: symmetric, per output channel (conv / transposed conv) or per tensor
+  (linear). Scale = equal-weight running mean of ``max|W_c| / 2**(b-1)`` over the steps since the
+  quantizer was enabled; optional power-of-two scale; saturating to ``[-2**(b-1), 2**(b-1)-1]``.
+* :class:`ActQuantizer`: asymmetric, per tensor. Bounds are running means of the per-batch min and
+  max (extended to include 0 so that zero, and therefore a pruned channel, is exactly
+  representable); ``step = (ub - lb) / (2**b - 1)`` (the textbook choice; the authors' code divides
+  by ``2**b``); integer zero point ``round(-lb / step)``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+MIN_BITS = 2
+MAX_BITS = 16
+_EPS = 1e-12
+
+
+def check_bits(bits: int, field: str = "bits") -> int:
+    """Validate a bit-width and return it as ``int``."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(f"{field} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+    return int(bits)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Affine fake quantization with a clipped straight-through gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:  # noqa: D401
+        q = torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+        lo = (qmin - zero_point) * scale
+        hi = (qmax - zero_point) * scale
+        ctx.save_for_backward((x >= lo) & (x <= hi))
+        return (q - zero_point) * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # noqa: D401
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None, None
+
+
+def fake_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Quantize-dequantize ``x``; gradient is identity inside the representable range, 0 outside."""
+    return _FakeQuant.apply(x, scale, zero_point.to(x.dtype), qmin, qmax)
+
+
+def quantize_to_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integer codes (as int64) that :func:`fake_quantize` represents."""
+    return torch.clamp(torch.round(x / scale) + zero_point.to(x.dtype), qmin, qmax).to(torch.int64)
+
+
+class WeightQuantizer(nn.Module):
+    """Symmetric weight fake-quantizer with a running-mean scale.
+
+    Args:
+        bits: bit-width in [2, 16].
+        channels: number of output channels for per-channel scales, or ``None`` for per tensor.
+        axis: the output-channel axis of the weight (0 for conv, 1 for transposed conv).
+        power_of_two: round the scale to the nearest power of two (shift-only hardware).
+    """
+
+    def __init__(self, bits: int, channels: int | None = None, axis: int = 0, power_of_two: bool = False):
+        super().__init__()
+        self.bits = check_bits(bits, "weight_bits")
+        self.axis = axis
+        self.power_of_two = bool(power_of_two)
+        n = 1 if channels is None else int(channels)
+        self.per_channel = channels is not None
+        self.register_buffer("stat_sum", torch.zeros(n, dtype=torch.float64))
+        self.register_buffer("stat_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("enabled", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    def _current_stat(self, w: Tensor) -> Tensor:
+        """``max|W_c| / 2**(b-1)`` per channel (or per tensor)."""
+        w = w.detach()
+        if self.per_channel:
+            dims = [d for d in range(w.dim()) if d != self.axis]
+            m = w.abs().amax(dim=dims)
+        else:
+            m = w.abs().amax().reshape(1)
+        return m.to(torch.float64) / 2 ** (self.bits - 1)
+
+    @torch.no_grad()
+    def observe(self, w: Tensor) -> None:
+        """Add the current weight's statistic to the running mean (called once per training step)."""
+        self.stat_sum += self._current_stat(w)
+        self.stat_count += 1
+
+    def scale(self, w: Tensor | None = None) -> Tensor:
+        """The quantization step per channel (float32, shape ``[C]`` or ``[1]``)."""
+        if self.stat_count > 0:
+            s = self.stat_sum / self.stat_count
+        elif w is not None:
+            s = self._current_stat(w)
+        else:
+            raise RuntimeError("WeightQuantizer has no statistics yet and no weight was given")
+        s = torch.clamp(s, min=_EPS)
+        if self.power_of_two:
+            s = torch.exp2(torch.round(torch.log2(s)))
+        return s.to(torch.float32)
+
+    def _broadcast(self, s: Tensor, w: Tensor) -> Tensor:
+        if not self.per_channel:
+            return s.reshape(())
+        shape = [1] * w.dim()
+        shape[self.axis] = -1
+        return s.reshape(shape)
+
+    def forward(self, w: Tensor) -> Tensor:
+        """Fake-quantized weight when enabled, else ``w`` unchanged."""
+        if not bool(self.enabled):
+            return w
+        s = self._broadcast(self.scale(w).to(w.device, w.dtype), w)
+        return fake_quantize(w, s, torch.zeros((), device=w.device), self.qmin, self.qmax)
+
+    def int_codes(self, w: Tensor) -> Tensor:
+        """Integer weight codes in ``[qmin, qmax]``."""
+        s = self._broadcast(self.scale(w).to(w.device, w.dtype), w)
+        return quantize_to_int(w, s, torch.zeros((), device=w.device), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        kind = f"per_channel(axis={self.axis})" if self.per_channel else "per_tensor"
+        return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}"
+
+
+class ActQuantizer(nn.Module):
+    """Asymmetric per-tensor activation fake-quantizer with running-mean min/max bounds.
+
+    In training mode (and while not frozen) each forward adds the batch min and max to the
+    running means, then quantizes with the updated bounds. In eval mode the statistics are frozen.
+    Before it is enabled it passes its input through unchanged and gathers nothing.
+    """
+
+    def __init__(self, bits: int):
+        super().__init__()
+        self.bits = check_bits(bits, "act_bits")
+        self.register_buffer("min_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("max_sum", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("stat_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("enabled", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
+
+    @property
+    def qmin(self) -> int:
+        return 0
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1
+
+    def bounds(self) -> tuple[float, float]:
+        """Running-mean ``(lb, ub)``, extended to contain 0."""
+        if self.stat_count <= 0:
+            raise RuntimeError("ActQuantizer has no statistics yet")
+        lb = float(self.min_sum / self.stat_count)
+        ub = float(self.max_sum / self.stat_count)
+        return min(lb, 0.0), max(ub, 0.0)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """``(step, zero_point)``: float32 step and an integer-valued zero point."""
+        lb, ub = self.bounds()
+        step = max((ub - lb) / (2**self.bits - 1), _EPS)
+        zp = min(max(round(-lb / step), 0), self.qmax)
+        return torch.tensor(step, dtype=torch.float32), torch.tensor(float(zp), dtype=torch.float32)
+
+    @torch.no_grad()
+    def _observe(self, x: Tensor) -> None:
+        lo, hi = torch.aminmax(x.detach())
+        self.min_sum += lo.to(torch.float64)
+        self.max_sum += hi.to(torch.float64)
+        self.stat_count += 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Fake-quantized activation when enabled."""
+        if not bool(self.enabled):
+            return x
+        if self.training and not bool(self.frozen):
+            self._observe(x)
+        if self.stat_count <= 0:  # enabled in eval without calibration: nothing to quantize with
+            raise RuntimeError("ActQuantizer is enabled but has never seen data; run a training or "
+                               "calibration pass first")
+        step, zp = self.qparams()
+        return fake_quantize(x, step.to(x.device, x.dtype), zp.to(x.device), self.qmin, self.qmax)
+
+    def int_codes(self, x: Tensor) -> Tensor:
+        """Unsigned integer activation codes in ``[0, 2**b - 1]``."""
+        step, zp = self.qparams()
+        return quantize_to_int(x, step.to(x.device, x.dtype), zp.to(x.device), self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}"

@@ -1,0 +1,137 @@
+"""Compression recipe: what to prune, how to quantize, and when. Validated up front.
+
+Every field has a documented range; a bad value raises :class:`RecipeError` whose message names the
+field (as a dotted path) and what is allowed, e.g.
+``prune.sparsity: must be < 1 (got 1.5)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .quant.quantizers import MAX_BITS, MIN_BITS
+
+IMPORTANCE = ("a_l1", "a_l0", "w_l1", "random")
+SCHEDULES = ("layerwise", "oneshot", "stepwise")
+ORDERINGS = ("prune_then_quantize", "quantize_then_prune", "joint")
+
+
+class RecipeError(ValueError):
+    """Invalid recipe or run configuration; the message is meant for the user as is."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PruneConfig(_Strict):
+    """Channel pruning (METHOD sections 2-4)."""
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of channels removed per layer")
+    importance: Literal["a_l1", "a_l0", "w_l1", "random"] = "a_l1"
+    schedule: Literal["layerwise", "oneshot", "stepwise"] = "layerwise"
+    unit: Literal["epochs", "steps"] = Field("epochs", description="unit of start / interval / refresh")
+    start: float = Field(0.1, ge=0.0, description="S: delay before the first layer's window")
+    interval: float = Field(0.1, gt=0.0, description="I: length of each layer's estimation window")
+    refresh: float = Field(0.02, gt=0.0, description="R: mask recomputed every R inside a window")
+    stepwise_steps: int = Field(5, ge=1, le=1000, description="n of the Zhu-Gupta ramp")
+    per_layer: dict[str, float] = Field(default_factory=dict, description="pattern -> sparsity")
+    exclude: list[str] = Field(default_factory=list, description="producer-name patterns kept whole")
+    seed: int = Field(0, ge=0, description="seed of the random importance")
+
+    @field_validator("per_layer")
+    @classmethod
+    def _per_layer_range(cls, v: dict[str, float]) -> dict[str, float]:
+        for pat, s in v.items():
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparsity for pattern {pat!r} must be in [0, 1) (got {s})")
+        return v
+
+
+class LayerBits(_Strict):
+    """Per-layer override; ``null`` keeps that part in floating point."""
+
+    weight_bits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS)
+    act_bits: int | None = Field(None, ge=MIN_BITS, le=MAX_BITS, description="bits of the layer's input")
+
+
+class QuantConfig(_Strict):
+    """Uniform quantization-aware training (METHOD section 5)."""
+
+    weight_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    act_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    unit: Literal["epochs", "steps"] = "epochs"
+    weight_delay: float = Field(0.5, ge=0.0, description="steps/epochs after quant start before W-quant")
+    act_delay: float = Field(0.05, ge=0.0, description="steps/epochs after quant start before A-quant")
+    power_of_two: bool = False
+    per_layer: dict[str, LayerBits] = Field(default_factory=dict)
+
+
+class Recipe(_Strict):
+    """A compression recipe; ``prune`` or ``quant`` may be ``None`` to skip that part.
+
+    ``ordering``: ``prune_then_quantize`` (the paper's joint pipeline: quantizers start once the last
+    mask froze), ``quantize_then_prune`` (pruning starts once all quantizers are live), or ``joint``
+    (both start at step 0).
+    """
+
+    prune: PruneConfig | None = Field(default_factory=PruneConfig)
+    quant: QuantConfig | None = Field(default_factory=QuantConfig)
+    ordering: Literal["prune_then_quantize", "quantize_then_prune", "joint"] = "prune_then_quantize"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None, where: str = "recipe") -> Recipe:
+        """Validate a plain dict; raises :class:`RecipeError` with readable messages."""
+        return validate(cls, data or {}, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Recipe:
+        """Load and validate a YAML file."""
+        return cls.from_dict(load_yaml(path), where=str(path))
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping with a clear error for a missing file or bad syntax."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML ({e})") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def format_validation_error(err: ValidationError, where: str = "") -> str:
+    """One line per problem: ``field.path: message (got value)``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-"))
+        msg = e["msg"].removeprefix("Value error, ")
+        got = e.get("input")
+        if e["type"] == "literal_error":
+            msg = msg.replace("Input should be", "must be one of")
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        else:
+            msg = msg.replace("Input should be", "must be")
+        shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{loc}: {msg}{shown}")
+    head = f"invalid configuration{f' in {where}' if where else ''}:"
+    return "\n".join([head] + ["  " + ln for ln in lines])
+
+
+def validate(model_cls: type[BaseModel], data: Any, where: str = "") -> Any:
+    """``model_cls.model_validate(data)`` with :class:`RecipeError` on failure."""
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError(format_validation_error(e, where)) from None

@@ -1,0 +1,271 @@
+"""The compression loop as a small object a user drives from their own training loop.
+
+```python
+comp = prunequant.Compressor(model, recipe, example_input, steps_per_epoch=len(loader))
+model = comp.model                      # instrumented; shares the original parameters
+opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+for epoch in range(3):
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+        comp.step()
+small = comp.finalize()
+```
+
+All compression state lives in ``comp.model.state_dict()``: the step counter (``pq_step``), masks and
+their running statistics, and quantizer statistics. :meth:`Compressor.load_state_dict` resumes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..graph.discover import instrument, raw_weight, weight_quantizer
+from ..prune.mask import ChannelMask, mask_from_scores
+from ..prune.schedule import ScheduleSpec
+from ..quant.quantizers import ActQuantizer
+from ..recipe import Recipe, RecipeError
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Phase boundaries of a compression run, in steps."""
+
+    prune_begin: int | None
+    prune_end: int | None  # step at which the last mask froze
+    quant_begin: int | None
+    weight_quant_at: int | None
+    act_quant_at: int | None
+
+    def as_dict(self) -> dict[str, int | None]:
+        return dict(self.__dict__)
+
+
+def _to_steps(value: float, unit: str, steps_per_epoch: int | None, field: str, minimum: int = 0) -> int:
+    if unit == "steps":
+        if value != int(value):
+            raise RecipeError(f"{field}: must be a whole number of steps when unit is 'steps' (got {value})")
+        return max(minimum, int(value))
+    if steps_per_epoch is None:
+        raise RecipeError(f"{field} is given in epochs: pass steps_per_epoch to Compressor "
+                          "(or set unit: steps)")
+    return max(minimum, int(round(value * steps_per_epoch)))
+
+
+class Compressor:
+    """Greedy layerwise channel pruning + statistics-based uniform QAT, driven by :meth:`step`.
+
+    Args:
+        model: the trained dense network (it is traced, not modified; parameters are shared).
+        recipe: a :class:`~prunequant.Recipe` or a dict validated into one.
+        example_input: a batch used to check the traced model runs and to measure it.
+        steps_per_epoch: needed when the recipe gives lengths in epochs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe | dict[str, Any] | None,
+        example_input: Tensor,
+        steps_per_epoch: int | None = None,
+    ):
+        if not isinstance(recipe, Recipe):
+            recipe = Recipe.from_dict(recipe)
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise RecipeError(f"steps_per_epoch must be a positive integer (got {steps_per_epoch!r})")
+        self.recipe = recipe
+        self.steps_per_epoch = steps_per_epoch
+        p, q = recipe.prune, recipe.quant
+        stat = None
+        if p is not None:
+            stat = p.importance if p.importance in ("a_l1", "a_l0") else "none"
+        layer_bits = {k: v.model_dump() for k, v in q.per_layer.items()} if q else None
+        self.model, self.plan = instrument(
+            model,
+            prune_stat=stat,
+            exclude=p.exclude if p else (),
+            weight_bits=q.weight_bits if q else None,
+            act_bits=q.act_bits if q else None,
+            power_of_two=q.power_of_two if q else False,
+            layer_bits=layer_bits,
+        )
+        self.model.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
+        self.example_input = example_input
+        if p is not None and not self.plan.sites:
+            raise RecipeError("prune: no prunable channels found in this model (every activation is "
+                              f"coupled or excluded: {self.plan.skipped})")
+        self._sparsity = [self._target(s.name) for s in self.plan.sites]
+        self._masks: list[ChannelMask] = [self.model.get_submodule(s.mask) for s in self.plan.sites]
+        self._wq = {n: weight_quantizer(self.model.get_submodule(n)) for n in self.plan.layers}
+        self._wq = {n: w for n, w in self._wq.items() if w is not None}
+        self._aq = [m for m in self.model.modules() if isinstance(m, ActQuantizer)]
+        self.spec, self.timeline = self._build_timeline()
+        self._rng_scores = self._random_scores() if p is not None and p.importance == "random" else None
+        self._apply(0)
+        with torch.no_grad():  # fail early, with the model's own error, if it does not run
+            was = self.model.training
+            self.model.eval()
+            self.model(example_input)
+            self.model.train(was)
+
+    # ------------------------------------------------------------------ schedule
+    def _target(self, site: str) -> float:
+        p = self.recipe.prune
+        s = p.sparsity
+        for pat, v in p.per_layer.items():
+            if fnmatch.fnmatchcase(site, pat):
+                s = v
+        return s
+
+    def _build_timeline(self) -> tuple[ScheduleSpec | None, Timeline]:
+        p, q, spe = self.recipe.prune, self.recipe.quant, self.steps_per_epoch
+        wd = ad = 0
+        if q is not None:
+            wd = _to_steps(q.weight_delay, q.unit, spe, "quant.weight_delay")
+            ad = _to_steps(q.act_delay, q.unit, spe, "quant.act_delay")
+        spec = None
+        if p is not None:
+            offset = 0
+            if q is not None and self.recipe.ordering == "quantize_then_prune":
+                offset = max(wd, ad) + 1
+            spec = ScheduleSpec(
+                kind=p.schedule,
+                n_sites=len(self.plan.sites),
+                offset=offset,
+                start=_to_steps(p.start, p.unit, spe, "prune.start"),
+                interval=_to_steps(p.interval, p.unit, spe, "prune.interval", minimum=1),
+                refresh=_to_steps(p.refresh, p.unit, spe, "prune.refresh", minimum=1),
+                ramp_steps=p.stepwise_steps,
+            )
+        qb = None
+        if q is not None:
+            qb = spec.end + 1 if (spec is not None and self.recipe.ordering == "prune_then_quantize") else 0
+        return spec, Timeline(
+            prune_begin=spec.begin if spec else None,
+            prune_end=spec.end if spec else None,
+            quant_begin=qb,
+            weight_quant_at=None if qb is None else qb + wd,
+            act_quant_at=None if qb is None else qb + ad,
+        )
+
+    def _random_scores(self) -> list[Tensor]:
+        g = torch.Generator().manual_seed(int(self.recipe.prune.seed))
+        return [torch.rand(s.channels, generator=g) for s in self.plan.sites]
+
+    def _scores(self, i: int) -> Tensor:
+        imp = self.recipe.prune.importance
+        if imp in ("a_l1", "a_l0"):
+            return _reduced_mean(self._masks[i])
+        if imp == "w_l1":
+            w = raw_weight(self.model.get_submodule(self.plan.sites[i].producer)).detach()
+            if w.dim() == 2:  # linear: [out, in]
+                return w.abs().mean(dim=1)
+            axis = 1 if self.plan.layers[self.plan.sites[i].producer].kind == "convT" else 0
+            return w.abs().transpose(0, axis).reshape(w.shape[axis], -1).mean(dim=1)
+        return self._rng_scores[i]
+
+    @property
+    def step_count(self) -> int:
+        """Number of completed :meth:`step` calls."""
+        return int(self.model.pq_step)
+
+    @torch.no_grad()
+    def _apply(self, t: int) -> None:
+        if self.spec is not None:
+            for i, m in enumerate(self._masks):
+                ev = self.spec.event(i, t, self._sparsity[i])
+                if ev is None:
+                    continue
+                if ev.start:
+                    m.reset_stats()
+                    m.collecting.fill_(True)
+                if ev.update is not None:
+                    m.mask.copy_(mask_from_scores(self._scores(i), ev.update).to(m.mask.device))
+                if ev.reset_after:
+                    m.reset_stats()
+                if ev.freeze:
+                    m.collecting.fill_(False)
+                    m.frozen.fill_(True)
+        tl = self.timeline
+        if tl.weight_quant_at is not None and t >= tl.weight_quant_at:
+            for name, wq in self._wq.items():
+                if not bool(wq.enabled):
+                    wq.enabled.fill_(True)
+                wq.observe(raw_weight(self.model.get_submodule(name)))
+        if tl.act_quant_at is not None and t == tl.act_quant_at:
+            for aq in self._aq:
+                aq.enabled.fill_(True)
+
+    def step(self) -> None:
+        """Advance the schedule by one training step (call after ``optimizer.step()``)."""
+        self.model.pq_step += 1
+        self._apply(self.step_count)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def pruning_done(self) -> bool:
+        """True once every mask is frozen (or there is nothing to prune)."""
+        return all(bool(m.frozen) for m in self._masks)
+
+    @property
+    def total_steps_hint(self) -> int:
+        """The last step at which the schedule does something."""
+        tl = self.timeline
+        vals = [v for v in (tl.prune_end, tl.weight_quant_at, tl.act_quant_at) if v is not None]
+        return max(vals) if vals else 0
+
+    def sparsity_report(self) -> list[dict[str, Any]]:
+        """Per site: name, channels before / after, target sparsity, frozen."""
+        return [
+            {"name": s.name, "channels": s.channels, "kept": m.kept, "target_sparsity": sp,
+             "frozen": bool(m.frozen), "tied": list(s.tied)}
+            for s, m, sp in zip(self.plan.sites, self._masks, self._sparsity)
+        ]
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The instrumented model's state dict (weights + every piece of compression state)."""
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore a state saved by :meth:`state_dict` (resume mid-schedule)."""
+        self.model.load_state_dict(state)
+
+    def finalize(self) -> nn.Module:
+        """Freeze everything and return the compressed model in eval mode.
+
+        Masks are frozen at their current state, quantizer statistics stop updating. Physical
+        channel removal is applied by :func:`prunequant.graph.shrink` where available.
+        """
+        for m in self._masks:
+            m.collecting.fill_(False)
+            m.frozen.fill_(True)
+        for aq in self._aq:
+            aq.frozen.fill_(True)
+        self.model.eval()
+        return self.model
+
+
+def _reduced_mean(m: ChannelMask) -> Tensor:
+    """Equal-weight mean of a mask's statistics, summed over all ranks under ``torch.distributed``.
+
+    The local buffers are not modified (each rank keeps its own running sums); the reduction is done
+    on copies, only when a mask is recomputed, so every rank derives the identical mask.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return m.mean_stat()
+    both = torch.cat([m.stat_sum, m.stat_count.reshape(1)])
+    dist.all_reduce(both)
+    return both[:-1] / both[-1].clamp(min=1)
+
+
+def steps_for(epochs: float, steps_per_epoch: int) -> int:
+    """Whole number of steps in ``epochs``."""
+    return int(math.ceil(epochs * steps_per_epoch))
