@@ -32,7 +32,11 @@ def check_model_args(num_classes: int, in_channels: int, image_size: int, width:
 
 
 def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out, relu) convs, BN weight 1 / bias 0, Linear normal(0, 0.01) / bias 0."""
+    """Kaiming-normal (fan_out, relu) convs, BN weight 1 / bias 0, Linear PyTorch default / bias 0.
+
+    Linear layers keep PyTorch's default (Kaiming-uniform) init: a small normal(0, 0.01) init
+    vanishes the signal through LeNet's three stacked linear layers.
+    """
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -42,6 +46,5 @@ def init_weights(model: nn.Module) -> None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)

@@ -103,6 +103,14 @@ def plot_accuracy_memory(results: dict[str, Any], path: str | Path) -> None:
         ax.annotate(f"{PHASE_LABELS.get(key, key)}\n{ph['density']:.1f} %/Mbit",
                     (ph["memory_mbit"], ph["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    lo = min(ph["memory_mbit"] for ph in results["phases"].values())
+    hi = max(ph["memory_mbit"] for ph in results["phases"].values())
+    ax.set_xlim(lo / 1.6, hi * 3.0)
+    ax.margins(y=0.25)
     ax.set_xlabel("memory (Mbit, weights + activations, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Accuracy vs memory")
