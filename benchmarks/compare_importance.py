@@ -62,20 +62,43 @@ def main(argv: list[str] | None = None) -> int:
             if not dense.exists():
                 (rdir / "dense.pt").replace(dense)
             fin = res["phases"]["final"]
-            rows[name].append({"seed": seed, "accuracy": fin["accuracy"], "dense": res["phases"]["dense"]["accuracy"],
-                               "memory_mbit": fin["memory_mbit"], "macs": fin["macs"]})
-            print(f"seed {seed} {name}: test acc {fin['accuracy']:.2f} % (dense {rows[name][-1]['dense']:.2f})",
-                  flush=True)
+            rows[name].append(
+                {
+                    "seed": seed,
+                    "accuracy": fin["accuracy"],
+                    "dense": res["phases"]["dense"]["accuracy"],
+                    "memory_mbit": fin["memory_mbit"],
+                    "macs": fin["macs"],
+                }
+            )
+            print(
+                f"seed {seed} {name}: test acc {fin['accuracy']:.2f} % (dense {rows[name][-1]['dense']:.2f})",
+                flush=True,
+            )
     summary = {}
     for name, rs in rows.items():
         accs = [r["accuracy"] for r in rs]
-        summary[name] = {"mean": statistics.fmean(accs), "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-                         "runs": rs}
-    atomic_write_json(out / "compare.json", {"config": a.config, "sparsity": a.sparsity, "seeds": a.seeds,
-                                             "quant": not a.no_quant, "methods": summary,
-                                             "base": yaml.safe_load(yaml.safe_dump(base))})
-    lines = [f"| method ({a.sparsity:.0%} channel sparsity{'' if not a.no_quant else ', FP32'}) | "
-             f"test acc % (mean +- std, {len(a.seeds)} seeds) | per seed |", "|---|---:|---|"]
+        summary[name] = {
+            "mean": statistics.fmean(accs),
+            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "runs": rs,
+        }
+    atomic_write_json(
+        out / "compare.json",
+        {
+            "config": a.config,
+            "sparsity": a.sparsity,
+            "seeds": a.seeds,
+            "quant": not a.no_quant,
+            "methods": summary,
+            "base": yaml.safe_load(yaml.safe_dump(base)),
+        },
+    )
+    lines = [
+        f"| method ({a.sparsity:.0%} channel sparsity{'' if not a.no_quant else ', FP32'}) | "
+        f"test acc % (mean +- std, {len(a.seeds)} seeds) | per seed |",
+        "|---|---:|---|",
+    ]
     for name, s in summary.items():
         per = ", ".join(f"{r['accuracy']:.2f}" for r in s["runs"])
         lines.append(f"| {name} | {s['mean']:.2f} +- {s['std']:.2f} | {per} |")
@@ -90,10 +113,17 @@ def main(argv: list[str] | None = None) -> int:
 
         fig, ax = plt.subplots(figsize=(6, 3.5))
         names = list(summary)
-        ax.bar(range(len(names)), [summary[n]["mean"] for n in names],
-               yerr=[summary[n]["std"] for n in names], capsize=6, color=["#1f77b4", "#ff7f0e", "#2ca02c"])
+        ax.bar(
+            range(len(names)),
+            [summary[n]["mean"] for n in names],
+            yerr=[summary[n]["std"] for n in names],
+            capsize=6,
+            color=["#1f77b4", "#ff7f0e", "#2ca02c"],
+        )
         for i, n in enumerate(names):
-            ax.scatter([i] * len(summary[n]["runs"]), [r["accuracy"] for r in summary[n]["runs"]], color="k", s=12)
+            ax.scatter(
+                [i] * len(summary[n]["runs"]), [r["accuracy"] for r in summary[n]["runs"]], color="k", s=12
+            )
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, fontsize=8)
         lo = min(r["accuracy"] for n in names for r in summary[n]["runs"])

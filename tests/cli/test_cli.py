@@ -15,8 +15,13 @@ from prunequant.config import default_config
 
 
 def _run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "prunequant.cli", *args], capture_output=True, text=True,
-                          cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "prunequant.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def _write(tmp_path: Path, data: dict) -> str:
@@ -76,8 +81,10 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
         "model": {"name": "resnet20", "width": 0.25},
         "data": {"name": "digits", "batch_size": 64},
         "train": {"dense_epochs": 2, "epochs": 3, "lr": 0.05, "compress_lr": 0.02, "progress": False},
-        "recipe": {"prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 3, "refresh": 1},
-                   "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 2, "act_delay": 1}},
+        "recipe": {
+            "prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 3, "refresh": 1},
+            "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 2, "act_delay": 1},
+        },
     }
     out = tmp_path / "run"
     r = _run_cli(["run", "--config", _write(tmp_path, cfg), "--out", str(out)], tmp_path)
@@ -90,7 +97,8 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
     assert rep["phases"]["final"]["memory_mbit"] < rep["phases"]["pruned"]["memory_mbit"]
     assert rep["phases"]["pruned"]["macs"] < rep["phases"]["dense"]["macs"]
     assert rep["layers"] and all(
-        lay["channels_after"] == lay["channels_before"] - int(0.5 * lay["channels_before"]) for lay in rep["layers"]
+        lay["channels_after"] == lay["channels_before"] - int(0.5 * lay["channels_before"])
+        for lay in rep["layers"]
     )
     summary = (out / "summary.md").read_text()
     assert "pruned + quantized" in summary and "dense FP32" in summary

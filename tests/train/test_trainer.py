@@ -14,14 +14,30 @@ from prunequant.train.trainer import run
 
 
 def _cfg(**train) -> RunConfig:
-    return RunConfig.from_dict({
-        "model": {"name": "resnet20", "width": 0.25},
-        "data": {"name": "digits", "batch_size": 64},
-        "train": {"dense_epochs": 3, "epochs": 4, "lr": 0.05, "compress_lr": 0.02, "progress": False, **train},
-        "recipe": {"prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 3, "refresh": 1},
-                   "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 2,
-                             "act_delay": 1}},
-    })
+    return RunConfig.from_dict(
+        {
+            "model": {"name": "resnet20", "width": 0.25},
+            "data": {"name": "digits", "batch_size": 64},
+            "train": {
+                "dense_epochs": 3,
+                "epochs": 4,
+                "lr": 0.05,
+                "compress_lr": 0.02,
+                "progress": False,
+                **train,
+            },
+            "recipe": {
+                "prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 3, "refresh": 1},
+                "quant": {
+                    "weight_bits": 4,
+                    "act_bits": 4,
+                    "unit": "steps",
+                    "weight_delay": 2,
+                    "act_delay": 1,
+                },
+            },
+        }
+    )
 
 
 def test_run_on_real_digits_learns_and_compresses(tmp_path: Path) -> None:
@@ -44,16 +60,22 @@ def test_dense_checkpoint_is_reused(tmp_path: Path) -> None:
     assert again["phases"]["dense"]["accuracy"] == pytest.approx(first["phases"]["dense"]["accuracy"])
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
-                    reason="Debian package dataset-fashion-mnist not installed")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
 def test_fashion_mnist_slice(tmp_path: Path) -> None:
-    cfg = RunConfig.from_dict({
-        "model": {"name": "lenet5"},
-        "data": {"name": "fashion_mnist", "train_subset": 2048, "test_subset": 1000, "batch_size": 64},
-        "train": {"dense_epochs": 2, "epochs": 2, "lr": 0.05, "progress": False},
-        "recipe": {"prune": {"sparsity": 0.5, "start": 0.1, "interval": 0.1, "refresh": 0.05},
-                   "quant": {"weight_bits": 8, "act_bits": 8, "weight_delay": 0.1, "act_delay": 0.05}},
-    })
+    cfg = RunConfig.from_dict(
+        {
+            "model": {"name": "lenet5"},
+            "data": {"name": "fashion_mnist", "train_subset": 2048, "test_subset": 1000, "batch_size": 64},
+            "train": {"dense_epochs": 2, "epochs": 2, "lr": 0.05, "progress": False},
+            "recipe": {
+                "prune": {"sparsity": 0.5, "start": 0.1, "interval": 0.1, "refresh": 0.05},
+                "quant": {"weight_bits": 8, "act_bits": 8, "weight_delay": 0.1, "act_delay": 0.05},
+            },
+        }
+    )
     res = run(cfg, tmp_path)
     assert res["data"]["name"] == "fashion_mnist" and res["data"]["test"] == 1000
     assert res["phases"]["dense"]["accuracy"] > 65.0

@@ -34,10 +34,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
     """A readable summary: phase table, per-layer channels, skipped activations."""
     cfg = results.get("config", {})
     d = results["data"]
+    mcfg = cfg.get("model", {})
     lines = [
         "# prunequant run summary",
         "",
-        f"- model: `{cfg.get('model', {}).get('name', '?')}` (width {cfg.get('model', {}).get('width', '?')})",
+        f"- model: `{mcfg.get('name', '?')}` (width {mcfg.get('width', '?')})",
         f"- data: `{d['name']}` from {d['source']} (train {d['train']}, val {d['val']}, test {d['test']})",
         f"- recipe: ordering `{cfg.get('recipe', {}).get('ordering', '?')}`; "
         f"steps/epoch {results['steps_per_epoch']}; dense steps {results['steps']['dense']}, "
@@ -56,12 +57,19 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"{ph['density']:.2f} | {_fmt_bits(ph['weight_bits'])} | {_fmt_bits(ph['act_bits'])} |"
         )
     if results.get("layers"):
-        lines += ["", "## Channels per pruned layer", "", "| layer | before | after | target sparsity | tied |",
-                  "|---|---:|---:|---:|---|"]
+        lines += [
+            "",
+            "## Channels per pruned layer",
+            "",
+            "| layer | before | after | target sparsity | tied |",
+            "|---|---:|---:|---:|---|",
+        ]
         for r in results["layers"]:
             tied = ", ".join(r["tied"]) or ""
-            lines.append(f"| `{r['name']}` | {r['channels_before']} | {r['channels_after']} | "
-                         f"{r['target_sparsity']:.2f} | {tied} |")
+            lines.append(
+                f"| `{r['name']}` | {r['channels_before']} | {r['channels_after']} | "
+                f"{r['target_sparsity']:.2f} | {tied} |"
+            )
     if results.get("skipped"):
         lines += ["", "## Activations not pruned", ""]
         lines += [f"- `{k}`: {v}" for k, v in results["skipped"].items()]
@@ -100,8 +108,13 @@ def plot_accuracy_memory(results: dict[str, Any], path: str | Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, ph in results["phases"].items():
         ax.scatter(ph["memory_mbit"], ph["accuracy"], s=60)
-        ax.annotate(f"{PHASE_LABELS.get(key, key)}\n{ph['density']:.1f} %/Mbit",
-                    (ph["memory_mbit"], ph["accuracy"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(
+            f"{PHASE_LABELS.get(key, key)}\n{ph['density']:.1f} %/Mbit",
+            (ph["memory_mbit"], ph["accuracy"]),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
     ax.set_xscale("log")
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
