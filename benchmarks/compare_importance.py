@@ -1,6 +1,7 @@
 """Layerwise A-L1 vs one-shot A-L1 vs W-L1 under the same training budget, several seeds.
 
-For each seed the dense network is trained once (cached as ``OUT/seed{N}/dense.pt``) and every method
+For each seed the dense network is trained once (cached as ``OUT/seed{N}/dense.pt``; finished runs are
+cached as ``OUT/seed{N}/m{K}/result.json`` so the script can be resumed) and every method
 fine-tunes a copy of it with the same number of compression steps and the same learning-rate
 schedule; only the importance measure / schedule differ. Prints mean +- std of test accuracy and
 writes ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare.png``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--no-quant", action="store_true", help="prune only (FP32), no QAT")
     p.add_argument("--out", default="runs/compare")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
     a = p.parse_args(argv)
     out = Path(a.out)
     base = load_yaml(a.config)
@@ -51,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             cfg_d = copy.deepcopy(base)
             cfg_d.setdefault("train", {})["seed"] = seed
             cfg_d["train"]["progress"] = sys.stderr.isatty()
+            if a.threads:
+                cfg_d["train"]["threads"] = a.threads
             cfg_d.setdefault("recipe", {}).setdefault("prune", {}).update(over, sparsity=a.sparsity)
             if a.no_quant:
                 cfg_d["recipe"]["quant"] = None
@@ -58,9 +63,14 @@ def main(argv: list[str] | None = None) -> int:
                 cfg_d["train"]["dense_checkpoint"] = str(dense)
             cfg = RunConfig.from_dict(cfg_d, where=f"{a.config} ({name}, seed {seed})")
             rdir = sdir / f"m{k}"
-            res = run(cfg, rdir, log=lambda s: print(s, file=sys.stderr))
-            if not dense.exists():
-                (rdir / "dense.pt").replace(dense)
+            done = rdir / "result.json"
+            if done.exists():  # resumable: a finished (seed, method) is not run again
+                res = json.loads(done.read_text())
+            else:
+                res = run(cfg, rdir, log=lambda s: print(s, file=sys.stderr))
+                if not dense.exists():
+                    (rdir / "dense.pt").replace(dense)
+                atomic_write_json(done, res)
             fin = res["phases"]["final"]
             rows[name].append(
                 {
