@@ -42,6 +42,8 @@ class PruneConfig(_Strict):
     per_layer: dict[str, float] = Field(default_factory=dict, description="pattern -> sparsity")
     exclude: list[str] = Field(default_factory=list, description="producer-name patterns kept whole")
     seed: int = Field(0, ge=0, description="seed of the random importance")
+    round_to: int | None = Field(None, ge=1, description="keep channel counts at multiples of this "
+                                 "(fewer channels are pruned when needed); null: no rounding")
 
     @field_validator("per_layer")
     @classmethod

@@ -1,15 +1,28 @@
 """Find prunable channels in a traced model and instrument it with masks and quantizers.
 
-A *site* is a prunable activation: the output of a ``conv/linear -> [BatchNorm] -> activation``
-chain whose every path leads, through channel-preserving ops only (pooling, dropout, flatten,
-identity), into the input of conv / linear layers. Those are the channels a physically smaller
-network can drop (producer output channels + consumer input channels). Activations that also feed
-a residual add, a concatenation or the network output are *coupled*; they are reported in
-``Plan.skipped`` with the reason and are not pruned by this release. The network input and the final
-output are never sites.
+A *site* is a prunable activation: the output of a producer chain
+``conv/linear -> [BatchNorm | GroupNorm | InstanceNorm | PixelShuffle]* -> activation`` whose every use
+leads, through ops that keep each channel separate and map zero to zero, into the input channels
+of conv / linear layers. Those ops are pooling, dropout, padding, upsampling, zero-preserving
+activations, flatten / view-as-flatten (each channel becomes a block of features of the next
+linear layer), ``torch.cat`` along channels (the site's channels sit at an offset of the consumer's
+input), ``chunk`` / ``split`` / ``x[:, a:b]`` along channels (each piece keeps its share),
+PixelShuffle / PixelUnshuffle (blocks of ``r**2`` channels move together), multiplication by a scalar
+or by a per-channel gate computed from the same tensor (squeeze-excitation: the gate's last layer
+loses the same output channels) and depthwise convs followed by an activation (*tied*: the same
+mask is applied after them and the channel disappears from the depthwise conv as well).
 
-A depthwise conv (``groups == in == out``) fed by a site is *tied* to that site: the same mask is
-applied again after its activation, so the channel disappears from the depthwise conv as well.
+Those are exactly the channels a physically smaller network can drop without changing the
+function (see :func:`prunequant.graph.shrink`): a masked channel is zero at every consumer input,
+so removing it from the producer, the norms, the consumers and the rewritten split sizes computes
+the same outputs. Anything else (a residual add, a model output, an op not listed here) makes the
+activation *coupled*; it is reported in ``Plan.skipped`` with the reason, naming the op and the
+module path, and is not pruned. The network input and the final output are never sites.
+
+Structural constraints travel with each site (:attr:`Site.block`, :attr:`Site.part`) so that the
+masks computed for it keep the smaller network valid: blocks of channels that must go together
+(GroupNorm groups, PixelShuffle blocks) and partitions that must lose the same number of channels
+(groups of grouped convs, pieces of a split).
 
 Instrumentation (:func:`instrument`) traces the model with ``torch.fx``, inserts a
 :class:`~prunequant.prune.mask.ChannelMask` after every site's activation, a
@@ -21,7 +34,11 @@ The returned ``GraphModule`` shares the parameters of the original model.
 from __future__ import annotations
 
 import fnmatch
+import math
+import operator
 from dataclasses import dataclass, field
+from fractions import Fraction
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,23 +52,81 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LAYER_TYPES = CONV_TYPES + CONVT_TYPES + (nn.Linear,)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-ACT_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.ELU)
-ACT_FUNCTIONS = {F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.elu}
-ACT_METHODS = {"relu"}
+INSTANCE_NORM_TYPES = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+#: Per-channel modules allowed between a producer layer and its activation.
+SIDE_NORM_TYPES = NORM_TYPES + INSTANCE_NORM_TYPES + (nn.GroupNorm,)
+
+#: Activations that map 0 to 0 (a masked channel stays zero through them).
+ZERO_ACT_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.SiLU, nn.GELU, nn.Hardswish, nn.ELU, nn.CELU, nn.SELU,
+    nn.Tanh, nn.Mish, nn.Hardtanh, nn.Softsign, nn.Tanhshrink, nn.Hardshrink, nn.Softshrink,
+)
+ZERO_ACT_FUNCTIONS = {
+    F.relu, torch.relu, F.relu6, F.leaky_relu, F.silu, F.gelu, F.hardswish, F.elu, F.celu, F.selu,
+    torch.tanh, F.tanh, F.mish, F.hardtanh, F.softsign, F.tanhshrink, F.hardshrink, F.softshrink,
+}
+ZERO_ACT_METHODS = {"relu", "tanh"}
+ACT_MODULES = ZERO_ACT_MODULES + (nn.PReLU, nn.Sigmoid, nn.Hardsigmoid, nn.Softplus)
+ACT_FUNCTIONS = ZERO_ACT_FUNCTIONS | {torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softplus}
+ACT_METHODS = ZERO_ACT_METHODS | {"sigmoid"}
+
 PASS_MODULES = (
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool2d,
-    nn.Dropout, nn.Dropout2d, nn.Identity, nn.Flatten,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.LPPool1d, nn.LPPool2d,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity, nn.Flatten,
+    nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d,
+    nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d,
+    nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d,
 )
-PASS_FUNCTIONS = {F.max_pool2d, F.avg_pool2d, F.adaptive_avg_pool2d, F.dropout, torch.flatten}
-PASS_METHODS = {"flatten"}
+PASS_FUNCTIONS = {
+    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+    F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
+    F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+    F.interpolate, F.upsample, F.upsample_nearest, F.upsample_bilinear, torch.flatten,
+}
+PASS_METHODS = {"flatten", "contiguous", "clone"}
+SPLIT_FUNCTIONS = {torch.split, torch.chunk}
+SPLIT_METHODS = {"split", "chunk"}
+VIEW_METHODS = {"view", "reshape"}
 
 MASKS_ATTR = "pq_masks"
 AQ_ATTR = "pq_act_quant"
 
 
 class GraphError(ValueError):
-    """A model that cannot be traced or instrumented; the message names the op and module."""
+    """A model that cannot be traced, instrumented or shrunk; the message names the op and module."""
+
+
+@dataclass
+class Tap:
+    """Where a site's channels ``[lo, hi)`` sit along dim 1 of a tensor (a consumer's input).
+
+    Blocks of ``den`` consecutive site channels occupy ``num`` consecutive positions starting at
+    ``offset`` (1/1 for plain channels, ``H*W``/1 after a flatten, 1/``r**2`` after a PixelShuffle).
+    """
+
+    site: str
+    offset: int
+    lo: int
+    hi: int
+    num: int = 1
+    den: int = 1
+
+    @property
+    def width(self) -> int:
+        """Number of positions the segment covers."""
+        return (self.hi - self.lo) // self.den * self.num
+
+
+@dataclass
+class Rewrite:
+    """A graph node whose arguments depend on channel counts (split sizes, slice bounds, views)."""
+
+    kind: str  # "split", "slice" or "flatten"
+    width: int = 0  # channels of its input along dim 1
+    taps: list[Tap] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)  # split: piece sizes; slice: [start, stop]
 
 
 @dataclass
@@ -65,7 +140,22 @@ class Site:
     mask: str = ""  # module path of the ChannelMask
     consumers: list[str] = field(default_factory=list)
     tied: list[str] = field(default_factory=list)  # depthwise conv layers that carry the same mask
-    tied_norms: list[str] = field(default_factory=list)
+    tied_norms: list[str] = field(default_factory=list)  # their per-channel modules (norms, PReLU)
+    side: list[tuple[str, int]] = field(default_factory=list)  # (per-channel module, channels each)
+    repeat: int = 1  # producer output channels per site channel (PixelShuffle between them)
+    gates: list[str] = field(default_factory=list)  # layers whose outputs gate this site (SE)
+    block: int = 1  # channels are removed in aligned blocks of this size
+    part: int = 0  # each aligned partition of this many channels loses the same number (0: all)
+
+    @property
+    def channel_modules(self) -> list[str]:
+        """Non-layer modules with per-channel parameters that shrink with the site."""
+        return [n for n, _ in self.side] + list(self.tied_norms)
+
+    @property
+    def parts(self) -> int:
+        """Number of partitions that must lose the same number of channels."""
+        return 1 if not self.part else self.channels // self.part
 
 
 @dataclass
@@ -80,6 +170,8 @@ class LayerInfo:
     act_quant: str | None = None  # module path of the ActQuantizer on its input
     input_site: str | None = None  # site whose mask gates this layer's input channels
     output_site: str | None = None  # site whose mask gates this layer's output channels
+    in_width: int = 0  # input channels (conv) or features (linear)
+    input_taps: list[Tap] = field(default_factory=list)  # sites among its input channels
 
 
 @dataclass
@@ -89,6 +181,9 @@ class Plan:
     sites: list[Site]
     layers: dict[str, LayerInfo]
     skipped: dict[str, str]  # activation / producer -> why it is not prunable
+    rewrites: dict[str, Rewrite] = field(default_factory=dict)  # fx node name -> rewrite
+    shrunk: bool = False
+    options: dict[str, Any] = field(default_factory=dict)  # the instrument() arguments
 
     def site(self, name: str) -> Site:
         for s in self.sites:
@@ -96,35 +191,103 @@ class Plan:
                 return s
         raise KeyError(name)
 
+    def input_fraction(self, layer: str, masks: dict[str, torch.Tensor]) -> float:
+        """Fraction of ``layer``'s input channels / features kept under ``{site: 0/1 mask}``."""
+        info = self.layers.get(layer)
+        if info is None or not info.input_taps or not info.in_width:
+            if info is not None and info.depthwise and info.input_site in masks:
+                m = masks[info.input_site]
+                return float(m.count_nonzero()) / m.numel()
+            return 1.0
+        keep = kept_positions(info.in_width, info.input_taps, masks)
+        return float(keep.count_nonzero()) / info.in_width
+
+
+def kept_positions(width: int, taps: list[Tap], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Boolean vector over ``width`` positions: False where every site channel there is pruned."""
+    keep = torch.ones(width, dtype=torch.bool)
+    for t in taps:
+        m = masks[t.site].detach().cpu()[t.lo:t.hi] != 0
+        gone = (~m).reshape(-1, t.den).all(dim=1).repeat_interleave(t.num)
+        keep[t.offset:t.offset + gone.numel()] &= ~gone
+    return keep
+
 
 class _Tracer(fx.Tracer):
+    def __init__(self, leaves: set[str] | None = None):
+        super().__init__()
+        self.leaves = leaves or set()
+        self.stack: list[str] = []
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (ChannelMask, ActQuantizer)) or parametrize.is_parametrized(m):
             return True
+        if qualname in self.leaves:
+            return True
         return super().is_leaf_module(m, qualname)
 
+    def call_module(self, m, forward, args, kwargs):
+        self.stack.append(self.path_of_module(m))
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        finally:
+            self.stack.pop()
 
-def trace(model: nn.Module) -> fx.GraphModule:
-    """Symbolically trace ``model``; a clear :class:`GraphError` when it cannot be traced."""
+
+def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; a clear :class:`GraphError` when it cannot be traced.
+
+    A submodule that cannot be traced may be named in ``exclude`` (an fnmatch pattern matching its
+    path): it is then kept as one opaque call (not pruned, not quantized inside).
+    """
     if isinstance(model, fx.GraphModule):
         return model
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types; all mean "not traceable"
-        raise GraphError(
-            f"cannot trace {type(model).__name__} with torch.fx ({type(e).__name__}: {e}). Models with "
-            "data-dependent control flow in forward() are not supported yet; move that logic out of "
-            "forward or exclude the module."
-        ) from e
+    leaves: set[str] = set()
+    for _ in range(100):
+        tracer = _Tracer(leaves)
+        try:
+            graph = tracer.trace(model)
+            break
+        except Exception as e:  # fx raises many types; all mean "not traceable"
+            where = tracer.stack[-1] if tracer.stack else ""
+            if where and where not in leaves and any(fnmatch.fnmatchcase(where, p) for p in exclude):
+                leaves.add(where)
+                continue
+            kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
+            loc = f"in module '{where}' ({kind})" if where else f"in {kind}.forward"
+            hint = (f" Add '{where}' to prune.exclude to keep that module as one opaque block (not "
+                    "pruned, not quantized inside)." if where else "")
+            raise GraphError(
+                f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e} ({loc}). "
+                f"Data-dependent control flow in forward() is not supported.{hint}"
+            ) from e
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.pq_original_class = type(model).__name__
+    gm.pq_leaves = sorted(leaves)
     return gm
 
 
+# ---------------------------------------------------------------------------------------- helpers
 def _mod(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if node.op == "call_module":
         return gm.get_submodule(node.target)
     return None
+
+
+def _describe(gm: fx.GraphModule, n: fx.Node) -> str:
+    """Human-readable op name and module path of a node, for error messages."""
+    if n.op == "call_module":
+        return f"module '{n.target}' ({type(_mod(gm, n)).__name__})"
+    if n.op == "output":
+        return "the model output"
+    what = getattr(n.target, "__name__", str(n.target))
+    where = ""
+    stack = n.meta.get("nn_module_stack") if n.meta else None
+    if stack:
+        path = list(stack.values())[-1]
+        path = path[0] if isinstance(path, tuple) else path
+        where = f" in module '{path}'"
+    return f"{n.op} '{what}' (node {n.name}{where})"
 
 
 def _is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
@@ -134,6 +297,21 @@ def _is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
         return n.target in ACT_FUNCTIONS
     if n.op == "call_method":
         return n.target in ACT_METHODS
+    return False
+
+
+def _is_zero_act(gm: fx.GraphModule, n: fx.Node) -> bool:
+    if n.op == "call_module":
+        m = _mod(gm, n)
+        if isinstance(m, nn.PReLU):
+            return m.num_parameters == 1
+        if isinstance(m, nn.Hardtanh):
+            return m.min_val <= 0 <= m.max_val
+        return isinstance(m, ZERO_ACT_MODULES)
+    if n.op == "call_function":
+        return n.target in ZERO_ACT_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in ZERO_ACT_METHODS
     return False
 
 
@@ -155,110 +333,556 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _producer_chain(gm: fx.GraphModule, act: fx.Node) -> tuple[fx.Node, fx.Node | None] | None:
-    """``(layer_node, norm_node)`` when ``act`` = act(norm?(layer(x))) with private intermediates."""
+def _out_channels(m: nn.Module) -> int:
+    return m.out_features if isinstance(m, nn.Linear) else m.out_channels
+
+
+def _in_width(m: nn.Module) -> int:
+    return m.in_features if isinstance(m, nn.Linear) else m.in_channels
+
+
+def _calls(n: fx.Node, functions: set, methods: set) -> bool:
+    if n.op == "call_function":
+        return n.target in functions
+    return n.op == "call_method" and n.target in methods
+
+
+def _node_args(n: fx.Node) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg((n.args, n.kwargs), lambda a: out.append(a))
+    return out
+
+
+def _arg(n: fx.Node, i: int, name: str, default: Any = None) -> Any:
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+class _Shapes:
+    """Output shapes of every node on an example input (``None`` when not recorded)."""
+
+    def __init__(self, gm: fx.GraphModule, example_input: torch.Tensor | None):
+        self.shapes: dict[fx.Node, Any] = {}
+        if example_input is None:
+            return
+        shapes = self.shapes
+
+        class _Rec(fx.Interpreter):
+            def run_node(self, n):
+                out = super().run_node(n)
+                if isinstance(out, torch.Tensor):
+                    shapes[n] = tuple(out.shape)
+                elif isinstance(out, (tuple, list)) and all(isinstance(o, torch.Tensor) for o in out):
+                    shapes[n] = [tuple(o.shape) for o in out]
+                else:
+                    shapes[n] = "value"
+                return out
+
+        was = gm.training
+        gm.eval()
+        try:
+            with torch.no_grad():
+                _Rec(gm).run(example_input)
+        except Exception as e:
+            raise GraphError(f"the traced model failed on the example input: {type(e).__name__}: {e}") from e
+        finally:
+            gm.train(was)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.shapes)
+
+    def get(self, n: Any) -> Any:
+        return self.shapes.get(n) if isinstance(n, fx.Node) else None
+
+    def is_tensor(self, n: fx.Node) -> bool:
+        return isinstance(self.get(n), tuple)
+
+
+class _Reject(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class _State:
+    offset: int
+    lo: int
+    hi: int
+    f: Fraction | None  # positions per site channel; None: unknown (no example input)
+
+
+# ---------------------------------------------------------------------------------------- discovery
+def _producer_chain(gm: fx.GraphModule, act: fx.Node, calls: dict[str, int]):
+    """``(layer_node, side, repeat, block)`` for ``act = act(ops(layer(x)))`` with private intermediates.
+
+    ``side`` lists (module, channels per site channel) of per-channel modules in the chain; raises
+    :class:`_Reject` when the chain exists but cannot be pruned; returns ``None`` if it is no chain.
+    """
     if not act.args or not isinstance(act.args[0], fx.Node):
         return None
+    side: list[tuple[str, int]] = []
+    block = 1
+    expand = 1
+    am = _mod(gm, act)
+    if isinstance(am, nn.PReLU) and am.num_parameters > 1:
+        side.append((str(act.target), 1))
     p = act.args[0]
-    norm = None
-    if p.op == "call_module" and isinstance(_mod(gm, p), NORM_TYPES):
+    while True:
+        m = _mod(gm, p)
         if len(p.users) != 1:
             return None
-        norm, p = p, p.args[0]
+        if isinstance(m, SIDE_NORM_TYPES):
+            if isinstance(m, nn.GroupNorm):
+                if expand != 1 or m.num_groups == 1:
+                    raise _Reject(f"{_describe(gm, p)} normalizes across all channels")
+                block = math.lcm(block, m.num_channels // m.num_groups)
+            side.append((str(p.target), expand))
+            p = p.args[0]
+        elif isinstance(m, nn.PixelShuffle) or (p.op == "call_function" and p.target is F.pixel_shuffle):
+            r = m.upscale_factor if m is not None else int(_arg(p, 1, "upscale_factor"))
+            expand *= r * r
+            p = p.args[0]
+        else:
+            break
+        if not isinstance(p, fx.Node):
+            return None
     if not _is_layer(gm, p) or len(p.users) != 1:
         return None
-    return p, norm
+    for name in [str(p.target)] + [n for n, _ in side]:
+        if calls.get(name, 0) > 1:
+            raise _Reject(f"module '{name}' is called more than once")
+    layer = _mod(gm, p)
+    if isinstance(layer, CONVT_TYPES) and layer.groups != 1:
+        raise _Reject(f"{_describe(gm, p)} is a grouped transposed conv")
+    return p, side, expand, block
 
 
-def _consumers(gm: fx.GraphModule, start: fx.Node) -> tuple[list[fx.Node], str | None]:
-    """Layers reached from ``start`` through channel-preserving ops, or a reason it is coupled."""
-    found: list[fx.Node] = []
-    stack = [(start, u) for u in start.users]
-    seen: set[fx.Node] = set()
-    while stack:
-        parent, u = stack.pop()
+class _Walk:
+    """Follows one site's channels from its mask to every consumer (see module docs)."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: _Shapes, calls: dict[str, int], site: Site):
+        self.gm, self.shapes, self.calls, self.site = gm, shapes, calls, site
+        self.taps: dict[str, list[tuple[fx.Node, Tap]]] = {}  # consumer module -> taps
+        self.rewrites: dict[fx.Node, Rewrite] = {}
+        self.tied: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []  # (dw conv, act, side nodes)
+        self.gates: list[fx.Node] = []
+        self.bounds: set[int] = set()  # site channel indices where a partition must start
+        self.block = site.block
+        self.seen: set[tuple[fx.Node, _State]] = set()
+
+    def reject(self, msg: str) -> None:
+        raise _Reject(msg)
+
+    def run(self, act: fx.Node) -> None:
+        c = self.site.channels
+        full = _State(0, 0, c, Fraction(1))
+        stack = [(act, full)]
+        while stack:
+            node, st = stack.pop()
+            if (node, st) in self.seen:
+                continue
+            self.seen.add((node, st))
+            for u in list(node.users):
+                stack.extend(self.step(node, st, u))
+
+    # one user ------------------------------------------------------------------------------------
+    def step(self, node: fx.Node, st: _State, u: fx.Node) -> list[tuple[fx.Node, _State]]:
+        gm, sh = self.gm, self.shapes
+        d = _describe(gm, u)
+        if u.op == "output":
+            self.reject("coupled: is (part of) the model output")
         if _is_layer(gm, u):
-            if u.args[0] is not parent or parent in u.args[1:]:
-                return [], f"reaches {u.target} through an argument other than its input"
-            if u not in found:
-                found.append(u)
-            continue
-        if u in seen:
-            continue
-        seen.add(u)
-        if _is_pass(gm, u):
-            stack.extend((u, w) for w in u.users)
+            return self.layer(node, st, u, d)
+        tensor_args = [a for a in _node_args(u) if a is not node and sh.get(a) != "value"]
+        if _is_zero_act(gm, u) or _is_pass(gm, u):
+            other = tensor_args and (not sh.known or any(sh.is_tensor(a) for a in tensor_args))
+            if u.args[0] is not node or other:
+                self.reject(f"coupled: feeds {d} through an argument other than its input")
+            m = _mod(gm, u)
+            flat = isinstance(m, nn.Flatten) or u.target in (torch.flatten, "flatten")
+            if flat:
+                return [(u, self.flatten(node, st, u, d))]
+            return [(u, st)]
+        if _calls(u, {torch.reshape}, VIEW_METHODS):
+            if u.args[0] is not node:
+                self.reject(f"coupled: feeds {d} through an argument other than its input")
+            st2 = self.flatten(node, st, u, d, view=True)
+            self.rewrites.setdefault(u, Rewrite("flatten"))
+            return [(u, st2)]
+        if u.op == "call_function" and u.target is torch.cat:
+            return self.cat(node, st, u, d)
+        if _calls(u, SPLIT_FUNCTIONS, SPLIT_METHODS):
+            return self.split(node, st, u, d)
+        if u.op == "call_function" and u.target is operator.getitem:
+            return self.slice(node, st, u, d)
+        if _calls(u, {operator.mul, torch.mul}, {"mul"}):
+            return self.mul(node, st, u, d)
+        if _calls(u, {operator.truediv, torch.div}, {"div"}):
+            if u.args[0] is node and len(u.args) == 2 and isinstance(u.args[1], (int, float)) and u.args[1]:
+                return [(u, st)]
+            self.reject(f"coupled: feeds {d}")
+        if isinstance(_mod(gm, u), nn.PixelShuffle) or u.target is F.pixel_shuffle:
+            return self.shuffle(node, st, u, d, up=True)
+        if isinstance(_mod(gm, u), nn.PixelUnshuffle) or u.target is F.pixel_unshuffle:
+            return self.shuffle(node, st, u, d, up=False)
+        if self.harmless(node, u):
+            return []
+        self.reject(f"coupled: feeds {d}")
+        return []
+
+    def harmless(self, node: fx.Node, u: fx.Node) -> bool:
+        """Uses that read no channel count: ``x.size(0)``, ``x.dim()``, ``x.shape[0]``, dtype, device."""
+        if u.op == "call_method" and u.target in ("dim", "ndimension"):
+            return True
+        if u.op == "call_function" and u.target is getattr and u.args[1] in ("dtype", "device", "ndim"):
+            return True
+        if u.op == "call_method" and u.target == "size" and len(u.args) + len(u.kwargs) > 1:
+            return _arg(u, 1, "dim") == 0
+        if (u.op == "call_method" and u.target == "size") or (
+                u.op == "call_function" and u.target is getattr and u.args[1] == "shape"):
+            return all(w.op == "call_function" and w.target is operator.getitem and w.args[1] == 0
+                       for w in u.users)
+        return False
+
+    # layers ----------------------------------------------------------------------------------------
+    def layer(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        gm = self.gm
+        if u.args[0] is not node or node in _node_args(u)[1:]:
+            self.reject(f"coupled: reaches {d} through an argument other than its input")
+        m = _mod(gm, u)
+        name = str(u.target)
+        if self.calls.get(name, 0) > 1:
+            self.reject(f"coupled: reaches {d}, which is called more than once")
+        width = _in_width(m)
+        if _is_depthwise(m):
+            return self.depthwise(node, st, u, d, m)
+        f = st.f
+        if f is None:  # no shapes: only a whole site feeding a linear (after flatten) can be resolved
+            if not isinstance(m, nn.Linear) or st.offset or st.lo or st.hi != self.site.channels \
+                    or width % self.site.channels:
+                self.reject(f"coupled: needs an example input to follow the channels into {d}")
+            f = Fraction(width // self.site.channels)
+        if isinstance(m, nn.Linear):
+            shape = self.shapes.get(node)
+            if isinstance(shape, tuple) and len(shape) != 2:
+                self.reject(f"coupled: feeds {d} with a {len(shape)}-d input (features are not on dim 1)")
+        if isinstance(m, CONV_TYPES) and m.groups > 1:
+            per = width // m.groups
+            if st.offset or st.hi - st.lo != width or f != 1:
+                self.reject(f"coupled: feeds grouped {d} together with other channels")
+            if per == 1:
+                self.reject(f"coupled: feeds grouped {d} with one input channel per group")
+            self.bounds.update(st.lo + k * per for k in range(m.groups + 1))
+        if isinstance(m, CONVT_TYPES) and m.groups != 1:
+            self.reject(f"coupled: feeds grouped transposed {d}")
+        tap = Tap(self.site.name, st.offset, st.lo, st.hi, f.numerator, f.denominator)
+        if tap.offset + tap.width > width:
+            self.reject(f"internal: channel offsets do not fit {d}")
+        self.taps.setdefault(name, []).append((u, tap))
+        return []
+
+    def depthwise(self, node: fx.Node, st: _State, u: fx.Node, d: str, m: nn.Module) -> list:
+        gm = self.gm
+        if st != _State(0, 0, self.site.channels, Fraction(1)) or m.in_channels != self.site.channels:
+            self.reject(f"coupled: reaches depthwise {d} together with other channels")
+        side: list[fx.Node] = []
+        p = u
+        while True:
+            if len(p.users) != 1:
+                self.reject(f"coupled: depthwise {d} output is used before its activation")
+            q = next(iter(p.users))
+            qm = _mod(gm, q)
+            if isinstance(qm, NORM_TYPES + INSTANCE_NORM_TYPES):
+                side.append(q)
+                p = q
+                continue
+            if _is_act(gm, q):
+                if isinstance(qm, nn.PReLU) and qm.num_parameters > 1:
+                    side.append(q)
+                for n in [u] + side:
+                    if self.calls.get(str(n.target), 0) > 1:
+                        self.reject(f"coupled: module '{n.target}' is called more than once")
+                self.tied.append((u, q, side))
+                return [(q, st)]
+            self.reject(f"coupled: depthwise {d} is not followed by [BatchNorm] and an activation")
+        return []
+
+    # reshaping ops ---------------------------------------------------------------------------------
+    def flatten(self, node: fx.Node, st: _State, u: fx.Node, d: str, view: bool = False) -> _State:
+        shape_in, shape_out = self.shapes.get(node), self.shapes.get(u)
+        m = _mod(self.gm, u)
+        if isinstance(m, nn.Flatten):
+            ok = m.start_dim == 1 and m.end_dim == -1
+        elif view:
+            ok = isinstance(shape_in, tuple) and isinstance(shape_out, tuple) and len(shape_out) == 2 \
+                and shape_out[0] == shape_in[0] and shape_out[1] == math.prod(shape_in[1:])
         else:
-            what = u.target if u.op != "call_function" else getattr(u.target, "__name__", str(u.target))
-            return [], f"coupled: feeds {u.op} {what}"
-    if not found:
-        return [], "feeds no conv / linear layer"
-    return found, None
+            start = _arg(u, 1, "start_dim", 0)
+            end = _arg(u, 2, "end_dim", -1)
+            ok = start == 1 and end == -1
+        if not ok:
+            self.reject(f"coupled: {d} does not flatten from dim 1 to the end")
+        if not isinstance(shape_in, tuple):
+            if view:
+                self.reject(f"coupled: needs an example input to follow the channels through {d}")
+            return _State(st.offset, st.lo, st.hi, None) if st.f == 1 and not st.offset else self._unknown(d)
+        k = math.prod(shape_in[2:])
+        f = None if st.f is None else st.f * k
+        return _State(st.offset * k, st.lo, st.hi, f)
+
+    def _unknown(self, d: str):
+        self.reject(f"coupled: needs an example input to follow the channels through {d}")
+
+    def cat(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        tensors = _arg(u, 0, "tensors")
+        dim = _arg(u, 1, "dim", 0)
+        shape = self.shapes.get(u)
+        if not isinstance(shape, tuple) or st.f is None:
+            self.reject(f"coupled: needs an example input to follow the channels through {d}")
+        if dim < 0:
+            dim += len(shape)
+        if dim != 1:
+            self.reject(f"coupled: {d} concatenates along dim {dim}, not channels")
+        out, off = [], 0
+        for t in tensors:
+            if t is node:
+                out.append((u, _State(off + st.offset, st.lo, st.hi, st.f)))
+            ts = self.shapes.get(t)
+            if not isinstance(ts, tuple):
+                self.reject(f"coupled: {d} concatenates a non-tensor")
+            off += ts[1]
+        return out
+
+    def _pieces(self, node: fx.Node, st: _State, ranges: list[tuple[int, int]], d: str) -> list:
+        if st.f is None or st.f.denominator != 1 or st.f.numerator != 1:
+            self.reject(f"coupled: {d} splits channels that are spread over several positions")
+        end = st.offset + (st.hi - st.lo)
+        out: list[_State | None] = []
+        for a, b in ranges:
+            lo, hi = max(a, st.offset), min(b, end)
+            if lo >= hi:
+                out.append(None)
+                continue
+            out.append(_State(lo - a, st.lo + lo - st.offset, st.lo + hi - st.offset, st.f))
+            self.bounds.update((st.lo + lo - st.offset, st.lo + hi - st.offset))
+        return out
+
+    def split(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        if u.args[0] is not node:
+            self.reject(f"coupled: feeds {d} through an argument other than its input")
+        dim = _arg(u, 2, "dim", 0)
+        shapes = self.shapes.get(u)
+        if not isinstance(shapes, list):
+            self.reject(f"coupled: needs an example input to follow the channels through {d}")
+        if dim < 0:
+            dim += len(shapes[0])
+        if dim != 1:
+            return self._batch_split(node, st, u, d, dim)
+        sizes = [s[1] for s in shapes]
+        ranges, a = [], 0
+        for s in sizes:
+            ranges.append((a, a + s))
+            a += s
+        pieces = self._pieces(node, st, ranges, d)
+        rw = self.rewrites.setdefault(u, Rewrite("split", self.shapes.get(node)[1], sizes=sizes))
+        rw.taps.append(Tap(self.site.name, st.offset, st.lo, st.hi, 1, 1))
+        out = []
+        for w in u.users:
+            if not (w.op == "call_function" and w.target is operator.getitem and isinstance(w.args[1], int)):
+                self.reject(f"coupled: the pieces of {d} are used by {_describe(self.gm, w)}")
+            p = pieces[w.args[1]]
+            if p is not None:
+                out.append((w, p))
+        return out
+
+    def _batch_split(self, node, st, u, d, dim):
+        self.reject(f"coupled: {d} splits along dim {dim}, not channels")
+
+    def slice(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        idx = u.args[1]
+        shape = self.shapes.get(node)
+        if u.args[0] is not node or not isinstance(idx, tuple) or len(idx) < 2 \
+                or not isinstance(shape, tuple):
+            self.reject(f"coupled: feeds {d}")
+        full = slice(None, None, None)
+        s = idx[1]
+        rest_ok = all(x == full or x is Ellipsis for x in idx[2:])
+        if idx[0] != full or not isinstance(s, slice) or s.step not in (None, 1) or not rest_ok or \
+                any(isinstance(v, fx.Node) for v in (s.start, s.stop)):
+            self.reject(f"coupled: feeds {d} (only x[:, a:b] slices of channels are followed)")
+        a, b, _ = s.indices(shape[1])
+        piece = self._pieces(node, st, [(a, max(a, b))], d)[0]
+        tap = Tap(self.site.name, st.offset, st.lo, st.hi, 1, 1)
+        self.rewrites.setdefault(u, Rewrite("slice", shape[1], sizes=[a, max(a, b)])).taps.append(tap)
+        return [] if piece is None else [(u, piece)]
+
+    def shuffle(self, node: fx.Node, st: _State, u: fx.Node, d: str, up: bool) -> list:
+        m = _mod(self.gm, u)
+        if u.args[0] is not node:
+            self.reject(f"coupled: feeds {d} through an argument other than its input")
+        if m is not None:
+            r = m.upscale_factor if up else m.downscale_factor
+        else:
+            r = int(_arg(u, 1, "upscale_factor" if up else "downscale_factor"))
+        k = r * r
+        if st.f is None or st.f != 1:
+            self.reject(f"coupled: {d} after a flatten")
+        if up:
+            if st.offset % k or st.lo % k or (st.hi - st.lo) % k:
+                self.reject(f"coupled: {d} mixes these channels with others in one output channel")
+            self.block = math.lcm(self.block, k)
+            return [(u, _State(st.offset // k, st.lo, st.hi, st.f / k))]
+        return [(u, _State(st.offset * k, st.lo, st.hi, st.f * k))]
+
+    def mul(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        args = list(u.args)
+        if len(args) != 2 or u.kwargs:
+            self.reject(f"coupled: feeds {d}")
+        other = args[1] if args[0] is node else args[0]
+        if other is node:
+            self.reject(f"coupled: feeds {d} (squared)")
+        if isinstance(other, (int, float)):
+            return [(u, st)]
+        shp, oshp, ushp = self.shapes.get(node), self.shapes.get(other), self.shapes.get(u)
+        if not (isinstance(shp, tuple) and isinstance(oshp, tuple) and ushp == shp):
+            self.reject(f"coupled: feeds {d} (a product with a tensor; needs an example input)")
+        if len(oshp) < 2 or oshp[1] == 1 or len(oshp) < len(shp) and len(oshp) != 0:
+            if len(oshp) >= 2 and oshp[1] == 1 and len(oshp) == len(shp):
+                return [(u, st)]  # broadcast over channels (spatial attention)
+            self.reject(f"coupled: feeds {d} (a product with a tensor of shape {oshp})")
+        # A per-channel gate: other = act(layer(...)) whose channels must follow this site.
+        if st != _State(0, 0, self.site.channels, Fraction(1)) or oshp[1] != shp[1] or oshp[0] != shp[0] \
+                or any(s != 1 for s in oshp[2:]):
+            self.reject(f"coupled: feeds {d} (a product with a tensor that is not a per-channel gate)")
+        p = other
+        while True:
+            if len(p.users) != 1:
+                self.reject(f"coupled: the gate of {d} is used elsewhere")
+            if _is_layer(self.gm, p):
+                break
+            ok = _is_act(self.gm, p) or (p.op in ("call_function", "call_method") and p.target in (
+                operator.add, operator.mul, operator.truediv, "add", "mul", "div") and len(p.args) == 2
+                and isinstance(p.args[1], (int, float)))
+            if not ok or not isinstance(p.args[0], fx.Node):
+                self.reject(f"coupled: the gate of {d} comes from {_describe(self.gm, p)}")
+            if isinstance(_mod(self.gm, p), nn.PReLU) and _mod(self.gm, p).num_parameters > 1:
+                self.reject(f"coupled: the gate of {d} has a per-channel PReLU")
+            p = p.args[0]
+        gm_ = _mod(self.gm, p)
+        if isinstance(gm_, CONV_TYPES) and gm_.groups != 1 or isinstance(gm_, CONVT_TYPES):
+            self.reject(f"coupled: the gate of {d} comes from grouped / transposed {_describe(self.gm, p)}")
+        if self.calls.get(str(p.target), 0) > 1:
+            self.reject(f"coupled: the gate layer '{p.target}' is called more than once")
+        self.gates.append(p)
+        return [(u, st)]
 
 
-def discover(gm: fx.GraphModule, exclude: list[str] | tuple[str, ...] = ()) -> tuple[list[Site], dict]:
+def discover(
+    gm: fx.GraphModule,
+    exclude: list[str] | tuple[str, ...] = (),
+    example_input: torch.Tensor | None = None,
+) -> tuple[list[Site], dict]:
     """Prunable sites of a traced model in forward order, and ``{name: reason}`` for those skipped.
 
+    ``example_input`` gives the tensor shapes needed to follow channels through concatenations,
+    splits and flattening views; without it those sites are skipped.
+
     Returns sites together with, for each, the activation nodes that carry its mask (the site's own
-    activation first, then those of tied depthwise convs) and consumer nodes, as a private
-    ``_nodes`` attribute used by :func:`instrument`.
+    activation first, then those of tied depthwise convs) and the routes, as a private ``_nodes``
+    attribute used by :func:`instrument`.
     """
+    shapes = _Shapes(gm, example_input)
+    calls: dict[str, int] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            calls[str(n.target)] = calls.get(str(n.target), 0) + 1
     sites: list[Site] = []
     skipped: dict[str, str] = {}
-    act_to_site: dict[fx.Node, Site] = {}
+    claimed: set[str] = set()  # modules whose output channels belong to a site
     for n in gm.graph.nodes:
         if not _is_act(gm, n):
             continue
-        chain = _producer_chain(gm, n)
+        try:
+            chain = _producer_chain(gm, n, calls)
+        except _Reject as e:
+            name = str(n.target) if n.op == "call_module" else n.name
+            skipped[name] = str(e)
+            continue
         if chain is None:
             continue  # e.g. relu after a residual add: not a producer chain
-        layer_node, norm_node = chain
+        layer_node, side, repeat, block = chain
         layer = _mod(gm, layer_node)
         pname = str(layer_node.target)
-        # Depthwise conv fed by a site's mask: the same channels, tie it to that site.
-        if _is_depthwise(layer):
-            src = layer_node.args[0]
-            while isinstance(src, fx.Node) and _is_pass(gm, src):
-                src = src.args[0]
-            if isinstance(src, fx.Node) and src in act_to_site:
-                owner = act_to_site[src]
-                owner.tied.append(pname)
-                if norm_node is not None:
-                    owner.tied_norms.append(str(norm_node.target))
-                owner._nodes["acts"].append(n)  # type: ignore[attr-defined]
-                act_to_site[n] = owner
-                continue
+        if pname in claimed:
+            continue  # tied depthwise conv or gate of an earlier site
         if any(fnmatch.fnmatchcase(pname, pat) for pat in exclude):
             skipped[pname] = "excluded by pattern"
             continue
-        channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-        if isinstance(layer, nn.Linear) and channels < 2:
+        if _is_depthwise(layer):
+            skipped[pname] = "depthwise conv whose input channels are not prunable"
             continue
-        site = Site(name=pname, producer=pname, norm=str(norm_node.target) if norm_node else None,
-                    channels=int(channels))
-        site._nodes = {"acts": [n]}  # type: ignore[attr-defined]
-        act_to_site[n] = site
+        out = _out_channels(layer)
+        if out % repeat:
+            skipped[pname] = "PixelShuffle does not divide the channels"
+            continue
+        channels = out // repeat
+        ashape = shapes.get(n)
+        if isinstance(layer, nn.Linear):
+            if channels < 2:
+                continue
+            if isinstance(ashape, tuple) and len(ashape) != 2:
+                skipped[pname] = f"linear output has {len(ashape)} dims; its features are not on dim 1"
+                continue
+        norm = next((s for s, _ in side if isinstance(gm.get_submodule(s), NORM_TYPES)), None)
+        site = Site(name=pname, producer=pname, norm=norm, channels=int(channels), side=side,
+                    repeat=repeat, block=block)
+        bounds: set[int] = set()
+        if isinstance(layer, CONV_TYPES) and layer.groups > 1:
+            per = out // layer.groups
+            if per % repeat:
+                skipped[pname] = "grouped conv groups do not align with PixelShuffle blocks"
+                continue
+            bounds.update(range(0, channels + 1, per // repeat))
+        walk = _Walk(gm, shapes, calls, site)
+        try:
+            walk.run(n)
+        except _Reject as e:
+            skipped[pname] = str(e)
+            continue
+        owned = [str(t.target) for t, _, _ in walk.tied] + [str(g.target) for g in walk.gates]
+        owned += [str(s.target) for _, _, sd in walk.tied for s in sd]
+        if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
+            skipped[pname] = "coupled: shares a depthwise conv or gate with another site"
+            continue
+        if not walk.taps and not walk.tied:
+            skipped[pname] = "feeds no conv / linear layer"
+            continue
+        # Structure: blocks and balanced partitions.
+        site.block = walk.block
+        bounds |= walk.bounds
+        part = 0
+        for b in bounds:
+            part = math.gcd(part, b)
+        part = math.gcd(part, channels) if part else 0
+        if part == channels:
+            part = 0
+        if part and part % site.block:
+            skipped[pname] = "coupled: split / group boundaries cut through channel blocks"
+            continue
+        if (part or channels) // site.block < 2:
+            skipped[pname] = "coupled: channels can only be removed all together"
+            continue
+        site.part = part
+        claimed.add(pname)
+        claimed.update(owned)
+        site.tied = [str(t.target) for t, _, _ in walk.tied]
+        site.tied_norms = [str(s.target) for _, _, sd in walk.tied for s in sd]
+        site.gates = [str(g.target) for g in walk.gates]
+        site.consumers = list(walk.taps)
+        site._nodes = {"acts": [n] + [a for _, a, _ in walk.tied], "walk": walk}  # type: ignore[attr-defined]
         sites.append(site)
-    # Consumers are checked once all ties are known (a tied act's users are consumers too).
-    valid: list[Site] = []
-    for site in sites:
-        consumers: list[fx.Node] = []
-        reason = None
-        for act in site._nodes["acts"]:  # type: ignore[attr-defined]
-            found, why = _consumers(gm, act)
-            if why:
-                reason = why
-                break
-            consumers += [c for c in found if str(c.target) not in site.tied]
-        if reason:
-            skipped[site.name] = reason
-            continue
-        if any(_is_depthwise(_mod(gm, c)) for c in consumers):
-            skipped[site.name] = "feeds a depthwise conv whose output is not prunable"
-            continue
-        site.consumers = [str(c.target) for c in consumers]
-        valid.append(site)
-    return valid, skipped
+    return sites, skipped
 
 
 def _match(name: str, table: dict) -> object | None:
@@ -283,32 +907,41 @@ def instrument(
     act_bits: int | None = None,
     power_of_two: bool = False,
     layer_bits: dict[str, dict] | None = None,
+    example_input: torch.Tensor | None = None,
 ) -> tuple[fx.GraphModule, Plan]:
     """Trace ``model`` and insert masks (when ``prune_stat`` is not None) and quantizers.
 
     Args:
         prune_stat: statistic the masks gather ("a_l1", "a_l0", or "none" for weight / random
             importance); ``None`` inserts no masks.
-        exclude: fnmatch patterns of producer names never pruned.
+        exclude: fnmatch patterns of producer names never pruned (and of submodules that cannot be
+            traced, which are then kept as opaque calls).
         weight_bits / act_bits: global bit-widths; ``None`` leaves that part in floating point.
         layer_bits: ``{pattern: {"weight_bits": b|None, "act_bits": b|None}}`` per-layer overrides
             (``act_bits`` is the bit-width of that layer's *input*).
+        example_input: a batch used to record tensor shapes; needed to follow channels through
+            concatenations, splits and views (without it those activations are not pruned).
     """
-    gm = trace(model)
+    options = {"prune_stat": prune_stat, "exclude": list(exclude), "weight_bits": weight_bits,
+               "act_bits": act_bits, "power_of_two": power_of_two, "layer_bits": layer_bits}
+    gm = trace(model, exclude)
     graph = gm.graph
     sites: list[Site] = []
     skipped: dict[str, str] = {}
     if prune_stat is not None:
-        sites, skipped = discover(gm, exclude)
+        sites, skipped = discover(gm, exclude, example_input)
     layers: dict[str, LayerInfo] = {}
     layer_nodes = [n for n in graph.nodes if _is_layer(gm, n)]
     for n in layer_nodes:
         m = _mod(gm, n)
         kind = "linear" if isinstance(m, nn.Linear) else ("convT" if isinstance(m, CONVT_TYPES) else "conv")
-        layers[str(n.target)] = LayerInfo(name=str(n.target), kind=kind, depthwise=_is_depthwise(m))
+        layers[str(n.target)] = LayerInfo(name=str(n.target), kind=kind, depthwise=_is_depthwise(m),
+                                          in_width=_in_width(m))
 
     # Masks.
+    rewrites: dict[str, Rewrite] = {}
     for site in sites:
+        walk: _Walk = site._nodes["walk"]  # type: ignore[attr-defined]
         site.mask = f"{MASKS_ATTR}.{_safe(site.name)}"
         gm.add_submodule(site.mask, ChannelMask(site.channels, stat=prune_stat or "none"))
         for i, act in enumerate(site._nodes["acts"]):  # type: ignore[attr-defined]
@@ -321,8 +954,18 @@ def instrument(
         for t in site.tied:
             layers[t].output_site = site.name
             layers[t].input_site = site.name
-        for c in site.consumers:
-            layers[c].input_site = site.name
+        for g in site.gates:
+            layers[g].output_site = site.name
+        for c, taps in walk.taps.items():
+            info = layers[c]
+            if info.input_site is None:
+                info.input_site = site.name
+            info.input_taps.extend(t for _, t in taps)
+        for node, rw in walk.rewrites.items():
+            if node.name in rewrites:
+                rewrites[node.name].taps.extend(rw.taps)
+            else:
+                rewrites[node.name] = rw
         del site._nodes  # type: ignore[attr-defined]
 
     # Quantizers.
@@ -355,7 +998,7 @@ def instrument(
             layers[str(u.target)].act_bits = bits
     graph.lint()
     gm.recompile()
-    plan = Plan(sites=sites, layers=layers, skipped=skipped)
+    plan = Plan(sites=sites, layers=layers, skipped=skipped, rewrites=rewrites, options=options)
     gm.pq_plan = plan
     return gm, plan
 
@@ -377,6 +1020,6 @@ def raw_weight(module: nn.Module) -> torch.Tensor:
 
 
 __all__ = [
-    "GraphError", "LayerInfo", "Plan", "Site", "discover", "instrument", "raw_weight", "trace",
-    "weight_quantizer",
+    "GraphError", "LayerInfo", "Plan", "Rewrite", "Site", "Tap", "discover", "instrument",
+    "kept_positions", "raw_weight", "trace", "weight_quantizer",
 ]

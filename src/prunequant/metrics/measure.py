@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..graph.discover import CONVT_TYPES, LAYER_TYPES, NORM_TYPES, Plan, raw_weight, weight_quantizer
+from ..graph.discover import CONVT_TYPES, LAYER_TYPES, Plan, raw_weight, weight_quantizer
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer
 
@@ -76,7 +76,7 @@ def _site_fractions(model: nn.Module, plan: Plan | None) -> tuple[dict[str, floa
         assert isinstance(m, ChannelMask)
         f = m.kept / s.channels
         site_frac[s.name] = f
-        for n in ([s.norm] if s.norm else []) + list(s.tied_norms):
+        for n in s.channel_modules:
             norm_frac[n] = f
     return site_frac, norm_frac
 
@@ -86,6 +86,7 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
     """Measure ``model`` on the first sample of ``example_input`` (see module docs for definitions)."""
     plan: Plan | None = getattr(model, "pq_plan", None)
     site_frac, norm_frac = _site_fractions(model, plan)
+    site_masks = {s.name: model.get_submodule(s.mask).mask for s in plan.sites} if plan is not None else {}
     names = {m: n for n, m in model.named_modules()}
     aq_bits: dict[str, int] = {}
     for n, m in model.named_modules():
@@ -99,7 +100,7 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
         name = names[mod]
         x = inp[0]
         info = plan.layers.get(name) if plan is not None else None
-        fin = site_frac.get(info.input_site, 1.0) if info and info.input_site else 1.0
+        fin = plan.input_fraction(name, site_masks) if info is not None else 1.0
         fout = site_frac.get(info.output_site, 1.0) if info and info.output_site else 1.0
         w = raw_weight(mod)
         if isinstance(mod, nn.Linear):
@@ -141,7 +142,7 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
             if m.bias is not None:
                 params += round(m.bias.numel() * r.out_fraction)
                 counted.add(id(m.bias))
-        elif isinstance(m, NORM_TYPES) and n in norm_frac:
+        elif n in norm_frac:
             for p in m.parameters(recurse=False):
                 params += round(p.numel() * norm_frac[n])
                 counted.add(id(p))

@@ -39,19 +39,52 @@ def n_pruned(sparsity: float, channels: int) -> int:
     return min(int(math.floor(sparsity * channels + 1e-9)), channels - 1)
 
 
-def mask_from_scores(scores: Tensor, sparsity: float) -> Tensor:
+def mask_from_scores(
+    scores: Tensor,
+    sparsity: float,
+    *,
+    round_to: int | None = None,
+    block: int = 1,
+    parts: int = 1,
+) -> Tensor:
     """Keep-mask (float 0/1) removing the ``floor(s*C)`` lowest-scoring channels.
 
     Ties are broken deterministically: among equal scores the lower channel index is removed first.
+
+    Structure (from :class:`prunequant.graph.Site`, so that the physically smaller network stays
+    valid): ``block`` > 1 removes aligned blocks of that many channels together, ranked by their
+    mean score (GroupNorm groups, PixelShuffle blocks); ``parts`` > 1 splits the channels into that
+    many equal contiguous partitions that each lose the same number of blocks (groups of grouped
+    convs, pieces of a split). Each partition keeps at least one block. ``round_to``: the number
+    removed is reduced (never increased) until the kept count is a multiple of ``round_to``, when
+    some count allows it; otherwise it is left as is.
     """
     c = scores.numel()
-    k = n_pruned(sparsity, c)
     mask = torch.ones(c, dtype=torch.float32, device=scores.device)
+    if round_to is not None and (isinstance(round_to, bool) or int(round_to) < 1):
+        raise ValueError(f"round_to must be an integer >= 1, got {round_to!r}")
+    if block < 1 or parts < 1 or c % (block * parts):
+        raise ValueError(f"{c} channels cannot be split into {parts} partitions of blocks of {block}")
+    per = c // (block * parts)  # blocks per partition
+    k = n_pruned(sparsity, per) if (block > 1 or parts > 1) else n_pruned(sparsity, c)
+    if round_to is not None and round_to > 1:
+        unit = block * parts  # channels removed per step of k
+        j = k
+        while j > 0 and (c - j * unit) % round_to:
+            j -= 1
+        if (c - j * unit) % round_to == 0:
+            k = j
     if k == 0:
         return mask
+    s = scores.detach().to(torch.float64)
+    if block > 1:
+        s = s.reshape(-1, block).mean(dim=1)
+    s = s.reshape(parts, per)
     # Stable sort on (score, index): torch.sort(stable=True) keeps index order among equal scores.
-    order = torch.sort(scores.detach().to(torch.float64), stable=True).indices
-    mask[order[:k]] = 0.0
+    order = torch.sort(s, dim=1, stable=True).indices[:, :k]
+    gone = torch.zeros(parts, per, dtype=torch.bool, device=scores.device)
+    gone.scatter_(1, order.to(scores.device), True)
+    mask[gone.reshape(-1).repeat_interleave(block)] = 0.0
     return mask
 
 

@@ -94,6 +94,7 @@ class Compressor:
             act_bits=q.act_bits if q else None,
             power_of_two=q.power_of_two if q else False,
             layer_bits=layer_bits,
+            example_input=example_input,
         )
         self.model.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
         self.example_input = example_input
@@ -186,7 +187,10 @@ class Compressor:
                     m.reset_stats()
                     m.collecting.fill_(True)
                 if ev.update is not None:
-                    m.mask.copy_(mask_from_scores(self._scores(i), ev.update).to(m.mask.device))
+                    site = self.plan.sites[i]
+                    new = mask_from_scores(self._scores(i), ev.update, round_to=self.recipe.prune.round_to,
+                                           block=site.block, parts=site.parts)
+                    m.mask.copy_(new.to(m.mask.device))
                 if ev.reset_after:
                     m.reset_stats()
                 if ev.freeze:
