@@ -1,0 +1,610 @@
+"""Translate an instrumented ``torch.fx`` GraphModule into an ONNX graph, node by node.
+
+The graph is built with the ``onnx.helper`` API (no ``torch.onnx`` tracing): every fx node maps to a
+few ONNX nodes, with the quantizers emitted by a *quantization style* (:class:`QDQStyle` or
+:class:`QONNXStyle`, see :mod:`.onnx_export`). Shapes come from running the model once on the example
+input (``torch.fx.passes.shape_prop``). An op this translator does not know raises
+:class:`~._checks.ExportError` naming the node, the op and the module path.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from ..graph.discover import CONV_TYPES, CONVT_TYPES, NORM_TYPES, raw_weight, weight_quantizer
+from ..prune.mask import ChannelMask
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from ._checks import ExportError
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ExportError("ONNX export needs the `onnx` package: pip install 'prunequant[export]'") from e
+    return onnx
+
+
+class _Batch:
+    """Marker for the (dynamic) batch dimension inside a python size tuple."""
+
+    def __repr__(self) -> str:
+        return "BATCH"
+
+
+BATCH = _Batch()
+
+
+class Builder:
+    """Accumulates ONNX nodes, initializers and value infos with unique names."""
+
+    def __init__(self, opset: int, dynamic_batch: bool):
+        self.onnx = _onnx()
+        self.opset = opset
+        self.dynamic_batch = dynamic_batch
+        self.nodes: list = []
+        self.initializers: list = []
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.elem_types: dict[str, int] = {}
+        self._names: set[str] = set()
+        self._consts: dict[tuple, str] = {}
+        self.producer_op: dict[str, str] = {}  # tensor name -> op type of the node that makes it
+
+    def fresh(self, hint: str) -> str:
+        base = hint.replace("/", "_") or "t"
+        name, i = base, 1
+        while name in self._names:
+            name = f"{base}_{i}"
+            i += 1
+        self._names.add(name)
+        return name
+
+    def init(self, hint: str, array: np.ndarray | Any) -> str:
+        """Add an initializer (numpy array or a TensorProto built by the caller)."""
+        onnx = self.onnx
+        if isinstance(array, np.ndarray):
+            name = self.fresh(hint)
+            arr = array if array.flags.c_contiguous else np.ascontiguousarray(array)  # keeps 0-d arrays
+            t = onnx.numpy_helper.from_array(arr, name)
+        else:
+            name = self.fresh(hint)
+            t = array
+            t.name = name
+        self.initializers.append(t)
+        return name
+
+    def const(self, value: Any, dtype: Any = np.float32) -> str:
+        """A small shared constant (scalars, shapes, clip bounds)."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init("const", arr)
+        return self._consts[key]
+
+    def node(self, op: str, inputs: list[str], hint: str, *, outputs: int = 1, domain: str = "",
+             shape: tuple[int, ...] | None = None, elem_type: int | None = None, **attrs: Any):
+        """Append a node; returns its output name (or list of names when ``outputs > 1``)."""
+        outs = [self.fresh(hint if outputs == 1 else f"{hint}_{i}") for i in range(outputs)]
+        self.nodes.append(self.onnx.helper.make_node(op, inputs, outs, name=self.fresh(f"{hint}_node"),
+                                                     domain=domain or None, **attrs))
+        for o in outs:
+            self.producer_op[o] = op
+        if shape is not None:
+            self.shapes[outs[0]] = tuple(int(s) for s in shape)
+        if elem_type is not None:
+            self.elem_types[outs[0]] = elem_type
+        return outs if outputs > 1 else outs[0]
+
+
+class QuantStyle:
+    """How quantizers become ONNX nodes (implemented by the QDQ and QONNX styles)."""
+
+    opset: int
+    domain_opsets: dict[str, int] = {}
+
+    def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
+        raise NotImplementedError
+
+    def weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str) -> str:
+        raise NotImplementedError
+
+
+def _float_weight(b: Builder, module: nn.Module, name: str) -> str:
+    w = raw_weight(module).detach().to(torch.float32).cpu().numpy()
+    return b.init(f"{name}.weight", w)
+
+
+def _weight(b: Builder, style: QuantStyle, module: nn.Module, name: str) -> str:
+    wq = weight_quantizer(module)
+    if wq is None or not bool(wq.enabled):
+        return _float_weight(b, module, name)
+    return style.weight(b, module, wq, name)
+
+
+def _bias(b: Builder, module: nn.Module, name: str) -> str | None:
+    if getattr(module, "bias", None) is None:
+        return None
+    return b.init(f"{name}.bias", module.bias.detach().to(torch.float32).cpu().numpy())
+
+
+def _tuple(v: Any, n: int) -> list[int]:
+    if isinstance(v, (tuple, list)):
+        return [int(x) for x in v]
+    return [int(v)] * n
+
+
+def _conv_pads(m: nn.Module, nd: int, name: str) -> list[int]:
+    if getattr(m, "padding_mode", "zeros") != "zeros":
+        raise ExportError(f"{name}: padding_mode={m.padding_mode!r} is not supported by the exporter "
+                          "(only 'zeros')")
+    pad = m.padding
+    if isinstance(pad, str):
+        if pad == "valid":
+            return [0] * (2 * nd)
+        # 'same' (stride 1): total = dilation * (k - 1), the extra one goes to the end (as PyTorch)
+        k = _tuple(m.kernel_size, nd)
+        d = _tuple(m.dilation, nd)
+        tot = [d[i] * (k[i] - 1) for i in range(nd)]
+        return [t // 2 for t in tot] + [t - t // 2 for t in tot]
+    p = _tuple(pad, nd)
+    return p + p
+
+
+class Translator:
+    """Walks the fx graph and emits ONNX through a :class:`Builder` and a :class:`QuantStyle`."""
+
+    def __init__(self, gm: fx.GraphModule, style: QuantStyle, builder: Builder):
+        self.gm = gm
+        self.style = style
+        self.b = builder
+        self.env: dict[fx.Node, Any] = {}
+        self.modules = dict(gm.named_modules())
+
+    # ------------------------------------------------------------------ helpers
+    def shape(self, n: fx.Node) -> tuple[int, ...]:
+        tm = n.meta.get("tensor_meta")
+        if tm is None or not hasattr(tm, "shape"):
+            raise ExportError(f"node {n.name}: no tensor shape recorded (does it return a tensor?)")
+        return tuple(int(s) for s in tm.shape)
+
+    def val(self, a: Any) -> Any:
+        if isinstance(a, fx.Node):
+            return self.env[a]
+        if isinstance(a, (list, tuple)):
+            return type(a)(self.val(x) for x in a)
+        return a
+
+    def tensor(self, a: Any, like: fx.Node | None = None) -> str:
+        """ONNX name of a tensor argument; python numbers become float32 constants."""
+        v = self.val(a)
+        if isinstance(v, str):
+            return v
+        if isinstance(v, (int, float, bool)):
+            return self.b.const(float(v))
+        if isinstance(v, torch.Tensor):
+            return self.b.init("const", v.detach().to(torch.float32).cpu().numpy())
+        raise ExportError(f"unsupported argument {v!r} (expected a tensor)")
+
+    def fail(self, n: fx.Node, what: str) -> ExportError:
+        return ExportError(
+            f"cannot export node {n.name!r} ({n.op} {what}): not supported by prunequant's ONNX "
+            "translator. Supported: conv / transposed conv / linear, batch norm, ReLU / ReLU6 / "
+            "LeakyReLU / PReLU / SiLU / GELU / Hardswish / ELU / sigmoid / tanh / hardtanh, max / avg / "
+            "adaptive pooling, flatten / view / reshape, add / sub / mul / div, cat, pixel shuffle, "
+            "dropout / identity. Rewrite that part of forward() with these ops or open an issue"
+        )
+
+    # ------------------------------------------------------------------ main loop
+    def run(self, example_input: torch.Tensor) -> tuple[list[str], list[tuple[int, ...]]]:
+        ShapeProp(self.gm).propagate(example_input)
+        outputs: list[str] = []
+        out_shapes: list[tuple[int, ...]] = []
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                if n.meta.get("tensor_meta") is None:
+                    raise ExportError("the model must take exactly one tensor input")
+                self.env[n] = "input"
+                self.b._names.add("input")
+                self.b.shapes["input"] = self.shape(n)
+            elif n.op == "get_attr":
+                t = self.gm
+                for part in str(n.target).split("."):
+                    t = getattr(t, part)
+                self.env[n] = t
+            elif n.op == "call_module":
+                self.env[n] = self.call_module(n)
+            elif n.op == "call_function":
+                self.env[n] = self.call_function(n)
+            elif n.op == "call_method":
+                self.env[n] = self.call_method(n)
+            elif n.op == "output":
+                res = n.args[0]
+                items = list(res) if isinstance(res, (list, tuple)) else [res]
+                for r in items:
+                    if not isinstance(r, fx.Node):
+                        raise ExportError("the model's outputs must be tensors")
+                    outputs.append(self.tensor(r))
+                    out_shapes.append(self.shape(r))
+        return outputs, out_shapes
+
+    def set(self, name: str, n: fx.Node) -> str:
+        tm = n.meta.get("tensor_meta")
+        if tm is not None and hasattr(tm, "shape"):
+            self.b.shapes[name] = tuple(int(s) for s in tm.shape)
+        return name
+
+    # ------------------------------------------------------------------ modules
+    def call_module(self, n: fx.Node) -> Any:
+        m = self.modules[str(n.target)]
+        name = str(n.target)
+        b = self.b
+        x = self.tensor(n.args[0]) if n.args else None
+        if isinstance(m, ActQuantizer):
+            if not bool(m.enabled):
+                return x
+            return self.style.act(b, x, m, name, self.shape(n))
+        if isinstance(m, ChannelMask):
+            mask = m.mask.detach().to(torch.float32).cpu().numpy()
+            if bool(np.all(mask == 1.0)):
+                return x
+            shp = [1] * len(self.shape(n))
+            shp[1] = -1
+            return self.set(b.node("Mul", [x, b.init(f"{name}.mask", mask.reshape(shp))], name), n)
+        if isinstance(m, CONV_TYPES + CONVT_TYPES):
+            nd = m.weight.dim() - 2
+            w = _weight(b, self.style, m, name)
+            ins = [x, w] + ([bias] if (bias := _bias(b, m, name)) else [])
+            attrs = dict(kernel_shape=_tuple(m.kernel_size, nd), strides=_tuple(m.stride, nd),
+                         dilations=_tuple(m.dilation, nd), group=int(m.groups))
+            if isinstance(m, CONVT_TYPES):
+                if getattr(m, "padding_mode", "zeros") != "zeros":
+                    raise ExportError(f"{name}: padding_mode {m.padding_mode!r} not supported")
+                p = _tuple(m.padding, nd)
+                attrs.update(pads=p + p, output_padding=_tuple(m.output_padding, nd))
+                return self.set(b.node("ConvTranspose", ins, name, **attrs), n)
+            attrs["pads"] = _conv_pads(m, nd, name)
+            return self.set(b.node("Conv", ins, name, **attrs), n)
+        if isinstance(m, nn.Linear):
+            w = _weight(b, self.style, m, name)
+            bias = _bias(b, m, name)
+            if len(self.shape(n.args[0])) == 2:
+                return self.set(b.node("Gemm", [x, w] + ([bias] if bias else []), name, transB=1), n)
+            wt = b.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+            y = b.node("MatMul", [x, wt], name)
+            return self.set(b.node("Add", [y, bias], name) if bias else y, n)
+        if isinstance(m, NORM_TYPES):
+            if m.running_mean is None:
+                raise ExportError(f"{name}: BatchNorm without running statistics cannot be exported")
+            c = m.num_features
+            g = m.weight.detach() if m.weight is not None else torch.ones(c)
+            be = m.bias.detach() if m.bias is not None else torch.zeros(c)
+            arrs = [t.to(torch.float32).cpu().numpy() for t in (g, be, m.running_mean, m.running_var)]
+            ins = [x] + [b.init(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), arrs)]
+            return self.set(b.node("BatchNormalization", ins, name, epsilon=float(m.eps)), n)
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)):
+            return x
+        if isinstance(m, nn.Flatten):
+            return self.flatten(n, x, m.start_dim, m.end_dim)
+        if isinstance(m, nn.PixelShuffle):
+            return self.set(b.node("DepthToSpace", [x], name, blocksize=int(m.upscale_factor), mode="CRD"), n)
+        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+            return self.adaptive(n, x, "avg")
+        if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+            return self.adaptive(n, x, "max")
+        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
+            if m.return_indices:
+                raise self.fail(n, f"{type(m).__name__}(return_indices=True)")
+            return self.pool(n, x, "max", m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation)
+        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+            if getattr(m, "divisor_override", None):
+                raise self.fail(n, f"{type(m).__name__}(divisor_override)")
+            return self.pool(n, x, "avg", m.kernel_size, m.stride, m.padding, m.ceil_mode, 1,
+                             m.count_include_pad)
+        act = self.activation(n, x, m)
+        if act is not None:
+            return act
+        raise self.fail(n, f"module {name} of type {type(m).__name__}")
+
+    def activation(self, n: fx.Node, x: str, m: nn.Module) -> str | None:
+        b, name = self.b, str(n.target)
+        if isinstance(m, nn.ReLU):
+            return self.set(b.node("Relu", [x], name), n)
+        if isinstance(m, nn.ReLU6):
+            return self.set(b.node("Clip", [x, b.const(0.0), b.const(6.0)], name), n)
+        if isinstance(m, nn.Hardtanh):
+            return self.set(b.node("Clip", [x, b.const(m.min_val), b.const(m.max_val)], name), n)
+        if isinstance(m, nn.LeakyReLU):
+            return self.set(b.node("LeakyRelu", [x], name, alpha=float(m.negative_slope)), n)
+        if isinstance(m, nn.PReLU):
+            slope = m.weight.detach().to(torch.float32).cpu().numpy()
+            rank = len(self.shape(n))
+            if slope.size > 1:
+                slope = slope.reshape([-1] + [1] * max(rank - 2, 0))
+            return self.set(b.node("PRelu", [x, b.init(f"{name}.weight", slope)], name), n)
+        if isinstance(m, nn.ELU):
+            return self.set(b.node("Elu", [x], name, alpha=float(m.alpha)), n)
+        if isinstance(m, nn.Sigmoid):
+            return self.set(b.node("Sigmoid", [x], name), n)
+        if isinstance(m, nn.Tanh):
+            return self.set(b.node("Tanh", [x], name), n)
+        if isinstance(m, nn.SiLU):
+            return self.silu(n, x)
+        if isinstance(m, nn.Hardswish):
+            return self.hardswish(n, x)
+        if isinstance(m, nn.GELU):
+            return self.gelu(n, x, m.approximate)
+        if isinstance(m, nn.Softmax):
+            return self.set(b.node("Softmax", [x], name, axis=int(m.dim if m.dim is not None else -1)), n)
+        return None
+
+    def silu(self, n: fx.Node, x: str) -> str:
+        s = self.b.node("Sigmoid", [x], f"{n.name}_sigmoid")
+        return self.set(self.b.node("Mul", [x, s], n.name), n)
+
+    def hardswish(self, n: fx.Node, x: str) -> str:
+        s = self.b.node("HardSigmoid", [x], f"{n.name}_hsig", alpha=1.0 / 6.0, beta=0.5)
+        return self.set(self.b.node("Mul", [x, s], n.name), n)
+
+    def gelu(self, n: fx.Node, x: str, approximate: str = "none") -> str:
+        b = self.b
+        if approximate == "tanh":
+            x3 = b.node("Mul", [b.node("Mul", [x, x], n.name), x], n.name)
+            inner = b.node("Add", [x, b.node("Mul", [x3, b.const(0.044715)], n.name)], n.name)
+            t = b.node("Tanh", [b.node("Mul", [inner, b.const(math.sqrt(2.0 / math.pi))], n.name)], n.name)
+        else:
+            t = b.node("Erf", [b.node("Mul", [x, b.const(1.0 / math.sqrt(2.0))], n.name)], n.name)
+        one = b.node("Add", [t, b.const(1.0)], n.name)
+        return self.set(b.node("Mul", [b.node("Mul", [x, one], n.name), b.const(0.5)], n.name), n)
+
+    def flatten(self, n: fx.Node, x: str, start: int, end: int) -> str:
+        rank = len(self.shape(n.args[0]))
+        start, end = start % rank, end % rank
+        if end == rank - 1:
+            if start == 0:
+                return self.set(self.b.node("Reshape", [x, self.b.const([1, -1], np.int64)], n.name), n)
+            if start == 1:
+                return self.set(self.b.node("Flatten", [x], n.name, axis=1), n)
+        out = list(self.shape(n))
+        return self.reshape(n, x, [BATCH] + out[1:] if start > 0 else out)
+
+    def reshape(self, n: fx.Node, x: str, sizes: list[Any]) -> str:
+        spec: list[int] = []
+        for i, s in enumerate(sizes):
+            if s is BATCH:
+                if i != 0:
+                    raise self.fail(n, "reshape moving the batch dimension")
+                spec.append(0)
+            else:
+                spec.append(int(s))
+        if spec and spec[0] != 0 and self.b.dynamic_batch and -1 not in spec:
+            spec[0] = 0 if spec[0] == self.shape(n.args[0])[0] else spec[0]
+        return self.set(self.b.node("Reshape", [x, self.b.const(spec, np.int64)], n.name), n)
+
+    def pool(self, n: fx.Node, x: str, kind: str, k: Any, s: Any, p: Any, ceil: bool, d: Any = 1,
+             count_include_pad: bool = True) -> str:
+        nd = len(self.shape(n)) - 2
+        k = _tuple(k, nd)
+        s = _tuple(s if s not in (None, [], ()) else k, nd)
+        pp = _tuple(p, nd)
+        attrs = dict(kernel_shape=k, strides=s, pads=pp + pp, ceil_mode=int(bool(ceil)))
+        if kind == "max":
+            attrs["dilations"] = _tuple(d, nd)
+            return self.set(self.b.node("MaxPool", [x], n.name, **attrs), n)
+        attrs["count_include_pad"] = int(bool(count_include_pad))
+        return self.set(self.b.node("AveragePool", [x], n.name, **attrs), n)
+
+    def adaptive(self, n: fx.Node, x: str, kind: str) -> str:
+        ins, out = self.shape(n.args[0])[2:], self.shape(n)[2:]
+        if all(o == 1 for o in out):
+            op = "GlobalAveragePool" if kind == "avg" else "GlobalMaxPool"
+            return self.set(self.b.node(op, [x], n.name), n)
+        if all(i % o == 0 for i, o in zip(ins, out)):
+            k = [i // o for i, o in zip(ins, out)]
+            return self.pool(n, x, kind, k, k, 0, False)
+        raise self.fail(n, f"adaptive pooling {tuple(ins)} -> {tuple(out)} with uneven windows")
+
+    # ------------------------------------------------------------------ functions and methods
+    _BINARY: dict[Any, str] = {
+        operator.add: "Add", torch.add: "Add", operator.iadd: "Add",
+        operator.sub: "Sub", torch.sub: "Sub",
+        operator.mul: "Mul", torch.mul: "Mul", operator.imul: "Mul",
+        operator.truediv: "Div", torch.div: "Div",
+    }
+    _UNARY: dict[Any, str] = {
+        F.relu: "Relu", torch.relu: "Relu", torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid",
+        torch.tanh: "Tanh", F.tanh: "Tanh",
+    }
+
+    def call_function(self, n: fx.Node) -> Any:
+        f = n.target
+        b = self.b
+        if f is operator.getitem:
+            obj, idx = self.val(n.args[0]), self.val(n.args[1])
+            if isinstance(obj, (tuple, list)):
+                return obj[idx]
+            raise self.fail(n, "tensor indexing / slicing")
+        if f is getattr:
+            obj, attr = n.args[0], n.args[1]
+            if attr == "shape" and isinstance(obj, fx.Node):
+                return (BATCH,) + self.shape(obj)[1:]
+            raise self.fail(n, f"getattr {attr}")
+        if f in self._BINARY:
+            a, c = n.args[0], n.args[1]
+            va, vc = self.val(a), self.val(c)
+            if isinstance(va, (int, float)) and isinstance(vc, (int, float)):
+                return f(va, vc)  # python arithmetic on sizes / constants
+            if n.kwargs.get("alpha", 1) != 1:
+                raise self.fail(n, "add/sub with alpha")
+            return self.set(b.node(self._BINARY[f], [self.tensor(a), self.tensor(c)], n.name), n)
+        if f in self._UNARY:
+            return self.set(b.node(self._UNARY[f], [self.tensor(n.args[0])], n.name), n)
+        x = self.tensor(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
+        kw = dict(n.kwargs)
+        if f is F.relu6:
+            return self.set(b.node("Clip", [x, b.const(0.0), b.const(6.0)], n.name), n)
+        if f is F.hardtanh:
+            lo = n.args[1] if len(n.args) > 1 else kw.get("min_val", -1.0)
+            hi = n.args[2] if len(n.args) > 2 else kw.get("max_val", 1.0)
+            return self.set(b.node("Clip", [x, b.const(lo), b.const(hi)], n.name), n)
+        if f is F.leaky_relu:
+            slope = n.args[1] if len(n.args) > 1 else kw.get("negative_slope", 0.01)
+            return self.set(b.node("LeakyRelu", [x], n.name, alpha=float(slope)), n)
+        if f is F.elu:
+            alpha = n.args[1] if len(n.args) > 1 else kw.get("alpha", 1.0)
+            return self.set(b.node("Elu", [x], n.name, alpha=float(alpha)), n)
+        if f is F.silu:
+            return self.silu(n, x)
+        if f is F.hardswish:
+            return self.hardswish(n, x)
+        if f is F.gelu:
+            return self.gelu(n, x, kw.get("approximate", "none"))
+        if f in (F.dropout, F.dropout2d):
+            return x
+        if f is torch.flatten:
+            start = n.args[1] if len(n.args) > 1 else kw.get("start_dim", 0)
+            end = n.args[2] if len(n.args) > 2 else kw.get("end_dim", -1)
+            return self.flatten(n, x, start, end)
+        if f in (torch.cat, torch.concat):
+            tensors = [self.tensor(t) for t in n.args[0]]
+            dim = n.args[1] if len(n.args) > 1 else kw.get("dim", 0)
+            return self.set(b.node("Concat", tensors, n.name, axis=int(dim) % len(self.shape(n))), n)
+        if f is F.pixel_shuffle:
+            r = n.args[1] if len(n.args) > 1 else kw["upscale_factor"]
+            return self.set(b.node("DepthToSpace", [x], n.name, blocksize=int(r), mode="CRD"), n)
+        if f in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
+            return self.adaptive(n, x, "avg")
+        if f is F.adaptive_max_pool2d:
+            return self.adaptive(n, x, "max")
+        if f in (F.avg_pool2d, F.max_pool2d):
+            names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
+            if f is F.max_pool2d:
+                names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+            a = dict(zip(names, n.args))
+            a.update(kw)
+            kind = "max" if f is F.max_pool2d else "avg"
+            return self.pool(n, x, kind, a["kernel_size"], a.get("stride"), a.get("padding", 0),
+                             a.get("ceil_mode", False), a.get("dilation", 1),
+                             a.get("count_include_pad", True))
+        if f is torch.mean:
+            return self.mean(n, x, n.args[1] if len(n.args) > 1 else kw.get("dim"),
+                             n.args[2] if len(n.args) > 2 else kw.get("keepdim", False))
+        if f in (torch.reshape,):
+            return self.reshape(n, x, list(self.val(n.args[1])))
+        raise self.fail(n, getattr(f, "__name__", str(f)))
+
+    def mean(self, n: fx.Node, x: str, dim: Any, keepdim: bool) -> str:
+        rank = len(self.shape(n.args[0]))
+        axes = list(range(rank)) if dim is None else [int(d) % rank for d in _tuple(dim, 1)]
+        if self.b.opset >= 18:
+            return self.set(self.b.node("ReduceMean", [x, self.b.const(axes, np.int64)], n.name,
+                                        keepdims=int(bool(keepdim))), n)
+        return self.set(self.b.node("ReduceMean", [x], n.name, axes=axes, keepdims=int(bool(keepdim))), n)
+
+    def call_method(self, n: fx.Node) -> Any:
+        meth = n.target
+        b = self.b
+        if meth == "size":
+            shp = (BATCH,) + self.shape(n.args[0])[1:]
+            idx = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            return shp if idx is None else shp[idx]
+        x = self.tensor(n.args[0])
+        if meth in ("contiguous", "clone", "detach", "float"):
+            return x
+        if meth == "relu":
+            return self.set(b.node("Relu", [x], n.name), n)
+        if meth == "sigmoid":
+            return self.set(b.node("Sigmoid", [x], n.name), n)
+        if meth == "tanh":
+            return self.set(b.node("Tanh", [x], n.name), n)
+        if meth == "flatten":
+            start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
+            end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
+            return self.flatten(n, x, start, end)
+        if meth in ("view", "reshape"):
+            sizes = [self.val(a) for a in n.args[1:]]
+            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
+                sizes = list(sizes[0])
+            return self.reshape(n, x, sizes)
+        if meth == "mean":
+            return self.mean(n, x, n.args[1] if len(n.args) > 1 else n.kwargs.get("dim"),
+                             n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
+        if meth in ("add", "sub", "mul", "div"):
+            op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[meth]
+            return self.set(b.node(op, [x, self.tensor(n.args[1])], n.name), n)
+        if meth == "permute":
+            perm = n.args[1:] if len(n.args) > 2 else n.args[1]
+            return self.set(b.node("Transpose", [x], n.name, perm=[int(p) for p in perm]), n)
+        raise self.fail(n, f"method .{meth}()")
+
+
+def translate(gm: fx.GraphModule, example_input: torch.Tensor, style: QuantStyle, *,
+              dynamic_batch: bool, value_info: bool, graph_name: str, doc: str) -> Any:
+    """Build the ``onnx.ModelProto`` of ``gm`` (in eval mode) under ``style``."""
+    onnx = _onnx()
+    from onnx import TensorProto, helper
+
+    b = Builder(style.opset, dynamic_batch)
+    tr = Translator(gm, style, b)
+    with torch.no_grad():
+        outputs, out_shapes = tr.run(example_input)
+    # Graph outputs are called output / output_i: rename the producing node's output when it is
+    # produced by exactly one node, else add an Identity.
+    producers: dict[str, int] = {}
+    for nd in b.nodes:
+        for o in nd.output:
+            producers[o] = producers.get(o, 0) + 1
+    renamed: dict[str, str] = {}
+    final: list[str] = []
+    for i, o in enumerate(outputs):
+        want = "output" if len(outputs) == 1 else f"output_{i}"
+        if producers.get(o) == 1 and o not in renamed:
+            for nd in b.nodes:
+                for lst in (nd.input, nd.output):
+                    for j, v in enumerate(lst):
+                        if v == o:
+                            lst[j] = want
+            if o in b.shapes:
+                b.shapes[want] = b.shapes[o]
+            renamed[o] = want
+        else:
+            b.node("Identity", [renamed.get(o, o)], want)
+            b.nodes[-1].output[0] = want
+        final.append(want)
+
+    def dims(shape: tuple[int, ...]) -> list[Any]:
+        d: list[Any] = list(shape)
+        if dynamic_batch and d:
+            d[0] = "N"
+        return d
+
+    inputs = [helper.make_tensor_value_info("input", TensorProto.FLOAT, dims(b.shapes["input"]))]
+    outs = [helper.make_tensor_value_info(f, TensorProto.FLOAT, dims(s)) for f, s in zip(final, out_shapes)]
+    vinfo = []
+    if value_info:
+        skip = {"input", *final}
+        inits = {t.name for t in b.initializers}
+        for nd in b.nodes:
+            for o in nd.output:
+                if o in skip or o in inits or o not in b.shapes:
+                    continue
+                vinfo.append(helper.make_tensor_value_info(o, b.elem_types.get(o, TensorProto.FLOAT),
+                                                           dims(b.shapes[o])))
+    graph = helper.make_graph(b.nodes, graph_name, inputs, outs, b.initializers, doc_string=doc,
+                              value_info=vinfo)
+    opsets = [helper.make_opsetid("", style.opset)]
+    opsets += [helper.make_opsetid(d, v) for d, v in style.domain_opsets.items()]
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="prunequant")
+    model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", style.opset)])
+    return model, onnx
+
+
+StyleFactory = Callable[[], QuantStyle]

@@ -1,0 +1,206 @@
+"""ONNX export of a quantized (and pruned) model: standard QDQ or QONNX ``Quant`` nodes.
+
+See ``docs/export.md`` for the exact node patterns. In short:
+
+* ``format="qdq"`` (ONNX opset 21; ONNX Runtime, TensorRT): every conv / linear weight is stored as
+  an integer initializer (INT4 for <= 4 bits, INT8 for 5-8, INT16 above) followed by
+  ``DequantizeLinear`` with the learned scales (per output channel, ``axis`` 0 for conv and 1 for
+  transposed conv; per tensor for linear). Every quantized activation becomes
+  ``QuantizeLinear -> DequantizeLinear`` (UINT4 / UINT8 / UINT16 with the integer zero point). When the
+  bit-width is below the container's (e.g. 6 bits in UINT8, 3 bits in UINT4) a ``Clip`` to the
+  representable float range ``[-zp*step, (2**b-1-zp)*step]`` precedes ``QuantizeLinear``; this is
+  exact (clipping then rounding equals rounding then saturating to ``[0, 2**b-1]``). Weights need no
+  clip: their integer codes are already inside ``[-2**(b-1), 2**(b-1)-1]``.
+* ``format="qonnx"`` (ONNX opset 13 + domain ``qonnx.custom_op.general``; FINN, hls4ml): every
+  quantizer is one ``Quant(x, scale, zeropt, bitwidth)`` node with ``signed`` / ``narrow=0`` /
+  ``rounding_mode="ROUND"``; weights are float initializers already on the quantization grid.
+
+Batch norm stays a ``BatchNormalization`` node after the convolution (our QAT quantizes the
+unfolded weight, so this is the computation that was trained); runtimes fuse it as they see fit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from ..graph.discover import raw_weight, trace
+from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from ..utils import atomic_write
+from ._checks import ExportError, check_exportable
+from ._fx2onnx import Builder, QuantStyle, translate
+
+FORMATS = ("qdq", "qonnx")
+QONNX_DOMAIN = "qonnx.custom_op.general"
+QDQ_OPSET = 21
+QONNX_OPSET = 13
+
+
+def _container(bits: int, signed: bool, int4: bool) -> tuple[int, int]:
+    """(TensorProto type, container bits) for a ``bits``-wide integer."""
+    from onnx import TensorProto as T
+
+    if bits <= 4 and int4:
+        return (T.INT4 if signed else T.UINT4), 4
+    if bits <= 8:
+        return (T.INT8 if signed else T.UINT8), 8
+    return (T.INT16 if signed else T.UINT16), 16
+
+
+def _int_tensor(elem: int, values: np.ndarray, dims: list[int]) -> Any:
+    from onnx import TensorProto as T
+    from onnx import helper, numpy_helper
+
+    if elem in (T.INT4, T.UINT4):
+        return helper.make_tensor("t", elem, dims, values.astype(np.int64).ravel().tolist())
+    np_type = {T.INT8: np.int8, T.UINT8: np.uint8, T.INT16: np.int16, T.UINT16: np.uint16}[elem]
+    return numpy_helper.from_array(values.astype(np_type).reshape(dims), "t")
+
+
+class QDQStyle(QuantStyle):
+    """QuantizeLinear / DequantizeLinear pairs with integer weight initializers (opset 21)."""
+
+    opset = QDQ_OPSET
+
+    def __init__(self, int4: bool = True):
+        self.int4 = int4
+        self.domain_opsets = {}
+
+    def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
+        step, zp = aq.qparams()
+        step_f = np.float32(step.item())
+        zp_i = int(zp.item())
+        elem, cbits = _container(aq.bits, signed=False, int4=self.int4)
+        if cbits == 4 and (aq.bits < 4 or b.producer_op.get(x) == "Clip"):
+            # ONNX Runtime (1.32) cannot build a session where a Clip feeds a QuantizeLinear with a
+            # 4-bit zero point (its Clip/Q fusion throws on INT4/UINT4): use UINT8 + Clip there.
+            elem, cbits = _container(aq.bits, signed=False, int4=False)
+        if aq.bits < cbits:
+            lo = np.float32(-zp_i) * step_f
+            hi = np.float32(aq.qmax - zp_i) * step_f
+            x = b.node("Clip", [x, b.const(lo), b.const(hi)], f"{name}.clip", shape=shape)
+        s = b.init(f"{name}.scale", np.array(step_f, dtype=np.float32))
+        z = b.init(f"{name}.zero_point", _int_tensor(elem, np.array(zp_i), []))
+        q = b.node("QuantizeLinear", [x, s, z], f"{name}.q", shape=shape, elem_type=elem)
+        return b.node("DequantizeLinear", [q, s, z], f"{name}.dq", shape=shape)
+
+    def weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str) -> str:
+        w = raw_weight(module).detach().to(torch.float32).cpu()
+        codes = wq.int_codes(w).numpy()
+        scale = wq.scale(w).cpu().numpy().astype(np.float32)
+        elem, _ = _container(wq.bits, signed=True, int4=self.int4)
+        wi = b.init(f"{name}.weight_int{wq.bits}", _int_tensor(elem, codes, list(codes.shape)))
+        attrs: dict[str, Any] = {}
+        if wq.per_channel:
+            s = b.init(f"{name}.weight_scale", scale.reshape(-1))
+            zeros = _int_tensor(elem, np.zeros(scale.size, np.int64), [scale.size])
+            z = b.init(f"{name}.weight_zero_point", zeros)
+            attrs["axis"] = int(wq.axis)
+        else:
+            s = b.init(f"{name}.weight_scale", np.array(scale.reshape(-1)[0], dtype=np.float32))
+            z = b.init(f"{name}.weight_zero_point", _int_tensor(elem, np.array(0), []))
+        return b.node("DequantizeLinear", [wi, s, z], f"{name}.weight", shape=tuple(codes.shape), **attrs)
+
+
+class QONNXStyle(QuantStyle):
+    """QONNX ``Quant`` nodes with arbitrary bit-widths (opset 13 + qonnx.custom_op.general)."""
+
+    opset = QONNX_OPSET
+
+    def __init__(self) -> None:
+        self.domain_opsets = {QONNX_DOMAIN: 1}
+
+    @staticmethod
+    def _quant(b: Builder, x: str, scale: np.ndarray, zp: np.ndarray, bits: int, signed: bool,
+               name: str, shape: tuple[int, ...]) -> str:
+        ins = [x, b.init(f"{name}.scale", scale.astype(np.float32)),
+               b.init(f"{name}.zeropt", zp.astype(np.float32)),
+               b.init(f"{name}.bitwidth", np.array(float(bits), dtype=np.float32))]
+        return b.node("Quant", ins, f"{name}.quant", domain=QONNX_DOMAIN, shape=shape,
+                      signed=int(signed), narrow=0, rounding_mode="ROUND")
+
+    def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
+        step, zp = aq.qparams()
+        return self._quant(b, x, np.array(step.item()), np.array(zp.item()), aq.bits, False, name, shape)
+
+    def weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str) -> str:
+        w = raw_weight(module).detach().to(torch.float32).cpu()
+        wq_val = module.weight.detach().to(torch.float32).cpu().numpy()  # on the grid already
+        scale = wq.scale(w).cpu().numpy().astype(np.float32)
+        if wq.per_channel:
+            shp = [1] * wq_val.ndim
+            shp[wq.axis] = -1
+            scale = scale.reshape(shp)
+        else:
+            scale = np.array(scale.reshape(-1)[0], dtype=np.float32)
+        wi = b.init(f"{name}.weight", wq_val)
+        b.shapes[wi] = tuple(wq_val.shape)
+        return self._quant(b, wi, scale, np.array(0.0), wq.bits, True, f"{name}.weight", tuple(wq_val.shape))
+
+
+def build_onnx(model: nn.Module, example_input: torch.Tensor, format: str = "qdq", *,
+               allow_masked: bool = False, dynamic_batch: bool | None = None, int4: bool = True) -> Any:
+    """The ``onnx.ModelProto`` that :func:`export_onnx` writes (see there for the arguments)."""
+    if format not in FORMATS:
+        raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
+    check_exportable(model, allow_masked=allow_masked, what=f"export_onnx(format={format!r})")
+    if not isinstance(example_input, torch.Tensor):
+        raise ExportError("example_input must be a tensor batch shaped like the model's input")
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    style: QuantStyle = QDQStyle(int4=int4) if format == "qdq" else QONNXStyle()
+    if dynamic_batch is None:
+        dynamic_batch = format == "qdq"  # FINN / hls4ml flows want static shapes
+    dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    was = gm.training
+    gm.eval()
+    try:
+        x = example_input.detach().to(dev, torch.float32)
+        proto, onnx = translate(gm, x, style, dynamic_batch=dynamic_batch, value_info=format == "qonnx",
+                                graph_name=getattr(gm, "pq_original_class", type(gm).__name__),
+                                doc=f"prunequant {format} export")
+    finally:
+        gm.train(was)
+    from .. import __version__
+
+    onnx.helper.set_model_props(proto, {"prunequant_version": __version__, "prunequant_format": format})
+    if format == "qdq":
+        onnx.checker.check_model(proto)
+    return proto
+
+
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, format: str = "qdq", *,
+                allow_masked: bool = False, dynamic_batch: bool | None = None, int4: bool = True) -> Path:
+    """Write a quantized model as one self-contained ``.onnx`` file and return its path.
+
+    Args:
+        model: a quantized, finalized model (``Compressor.finalize()``; shrunk with
+            :func:`prunequant.graph.shrink` when that exists).
+        example_input: a batch shaped like the model's input (used for shapes only).
+        path: destination; written atomically.
+        format: ``"qdq"`` (QuantizeLinear / DequantizeLinear, opset 21) or ``"qonnx"`` (``Quant``).
+        allow_masked: export a model whose pruned channels are still present as zeros (masks), even
+            though :func:`prunequant.graph.shrink` is available.
+        dynamic_batch: symbolic batch dimension ``N`` (default: True for qdq, False for qonnx).
+        int4: store <= 4-bit tensors in the opset-21 INT4 / UINT4 types (default); ``False`` uses 8-bit
+            containers with clipping (for runtimes without 4-bit support).
+
+    Raises:
+        ExportError: not quantized, not finalized, an op the translator does not support, ...
+    """
+    proto = build_onnx(model, example_input, format, allow_masked=allow_masked, dynamic_batch=dynamic_batch,
+                       int4=int4)
+    data = proto.SerializeToString()
+    return atomic_write(path, lambda p: p.write_bytes(data))
+
+
+def onnx_input_shape(proto: Any) -> list[Any]:
+    """Input dims of an exported model (``"N"`` for a dynamic batch)."""
+    dims = proto.graph.input[0].type.tensor_type.shape.dim
+    return [d.dim_param or d.dim_value for d in dims]
+
+
+__all__ = ["FORMATS", "QDQStyle", "QONNXStyle", "build_onnx", "export_onnx", "onnx_input_shape"]
