@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build, set_masks
+from gtools import build, set_masks
 from torch import nn
 from zoo import ZOO
 
