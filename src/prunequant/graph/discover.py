@@ -146,6 +146,8 @@ class Site:
     gates: list[str] = field(default_factory=list)  # layers whose outputs gate this site (SE)
     block: int = 1  # channels are removed in aligned blocks of this size
     part: int = 0  # each aligned partition of this many channels loses the same number (0: all)
+    kept: list[int] | None = None  # after shrink(): original indices of the channels that remain
+    original_channels: int | None = None  # after shrink(): channel count before removal
 
     @property
     def channel_modules(self) -> list[str]:

@@ -282,6 +282,10 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     for s in plan.sites:
         m = masks[s.name] != 0
         k = int(m.sum())
+        idx = m.nonzero().flatten().tolist()
+        s.kept = idx if s.kept is None else [s.kept[i] for i in idx]
+        if s.original_channels is None:
+            s.original_channels = s.channels
         if s.part:
             s.part = s.part * k // s.channels
             if s.part == k:
