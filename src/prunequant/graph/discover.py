@@ -220,6 +220,7 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.leaves = leaves or set()
         self.stack: list[str] = []
+        self.failed_at: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (ChannelMask, ActQuantizer)) or parametrize.is_parametrized(m):
@@ -228,10 +229,21 @@ class _Tracer(fx.Tracer):
             return True
         return super().is_leaf_module(m, qualname)
 
+    def create_node(self, *args, **kwargs):
+        node = super().create_node(*args, **kwargs)
+        if self.stack:
+            node.meta["pq_module"] = self.stack[-1]  # the module whose forward made this op
+        return node
+
     def call_module(self, m, forward, args, kwargs):
-        self.stack.append(self.path_of_module(m))
+        path = self.path_of_module(m)
+        self.stack.append(path)
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = path  # the innermost module whose forward raised
+            raise
         finally:
             self.stack.pop()
 
@@ -251,7 +263,7 @@ def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.Gra
             graph = tracer.trace(model)
             break
         except Exception as e:  # fx raises many types; all mean "not traceable"
-            where = tracer.stack[-1] if tracer.stack else ""
+            where = tracer.failed_at or ""
             if where and where not in leaves and any(fnmatch.fnmatchcase(where, p) for p in exclude):
                 leaves.add(where)
                 continue
@@ -283,12 +295,8 @@ def _describe(gm: fx.GraphModule, n: fx.Node) -> str:
     if n.op == "output":
         return "the model output"
     what = getattr(n.target, "__name__", str(n.target))
-    where = ""
-    stack = n.meta.get("nn_module_stack") if n.meta else None
-    if stack:
-        path = list(stack.values())[-1]
-        path = path[0] if isinstance(path, tuple) else path
-        where = f" in module '{path}'"
+    path = n.meta.get("pq_module") if n.meta else None
+    where = f" in module '{path}'" if path else ""
     return f"{n.op} '{what}' (node {n.name}{where})"
 
 
