@@ -101,6 +101,12 @@ def rebit(model: nn.Module, wb: int, ab: int) -> nn.Module:
         elif isinstance(mod, ActQuantizer):
             mod.bits = ab
     m.pq_plan = copy.deepcopy(model.pq_plan)
+    for info in m.pq_plan.layers.values():
+        info.weight_bits = wb if info.weight_bits is not None else None
+        info.act_bits = ab if info.act_bits is not None else None
+    opts = getattr(m.pq_plan, "options", None)
+    if opts:
+        opts.update(weight_bits=wb, act_bits=ab)
     for attr in ("pq_original_class", "pq_leaves"):
         if hasattr(model, attr):
             setattr(m, attr, getattr(model, attr))

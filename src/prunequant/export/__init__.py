@@ -13,5 +13,19 @@ See ``docs/export.md``.
 
 from ._checks import ExportError, check_exportable
 from .onnx_export import FORMATS, build_onnx, export_onnx
+from .packed import (
+    HEADER_BYTES,
+    PackedFormatError,
+    load_packed,
+    pack_codes,
+    packed_size_report,
+    read_packed,
+    save_packed,
+    unpack_codes,
+)
 
-__all__ = ["FORMATS", "ExportError", "build_onnx", "check_exportable", "export_onnx"]
+__all__ = [
+    "FORMATS", "HEADER_BYTES", "ExportError", "PackedFormatError", "build_onnx", "check_exportable",
+    "export_onnx", "load_packed", "pack_codes", "packed_size_report", "read_packed", "save_packed",
+    "unpack_codes",
+]
