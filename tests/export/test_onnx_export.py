@@ -63,6 +63,9 @@ def test_qdq_graph_uses_integer_weights_and_int4(name):
     # every conv / linear weight is a 4-bit integer initializer, no float weight tensor is left
     assert types[TensorProto.INT4] >= layers - (1 if name == "espcn" else 0)  # espcn conv3 is 8-bit
     inits = {t.name: t for t in proto.graph.initializer}
+    for t in inits.values():  # 4-bit tensors are packed two per byte
+        if t.data_type in (TensorProto.INT4, TensorProto.UINT4):
+            assert len(t.raw_data) == (int(np.prod(t.dims)) + 1) // 2
     for n in proto.graph.node:
         if n.op_type in ("Conv", "Gemm"):
             w = n.input[1]

@@ -52,13 +52,23 @@ def _container(bits: int, signed: bool, int4: bool) -> tuple[int, int]:
 
 
 def _int_tensor(elem: int, values: np.ndarray, dims: list[int]) -> Any:
+    """An integer TensorProto in ``raw_data`` (4-bit types: two values per byte, low nibble first)."""
     from onnx import TensorProto as T
-    from onnx import helper, numpy_helper
+    from onnx import numpy_helper
 
+    v = np.asarray(values, dtype=np.int64).ravel()
     if elem in (T.INT4, T.UINT4):
-        return helper.make_tensor("t", elem, dims, values.astype(np.int64).ravel().tolist())
+        nib = (v & 0xF).astype(np.uint8)  # two's complement nibbles for INT4
+        if nib.size % 2:
+            nib = np.append(nib, np.uint8(0))
+        t = T()
+        t.name = "t"
+        t.data_type = elem
+        t.dims.extend(int(d) for d in dims)
+        t.raw_data = (nib[0::2] | (nib[1::2] << 4)).astype(np.uint8).tobytes()
+        return t
     np_type = {T.INT8: np.int8, T.UINT8: np.uint8, T.INT16: np.int16, T.UINT16: np.uint16}[elem]
-    return numpy_helper.from_array(values.astype(np_type).reshape(dims), "t")
+    return numpy_helper.from_array(v.astype(np_type).reshape(dims), "t")
 
 
 class QDQStyle(QuantStyle):
@@ -140,6 +150,37 @@ class QONNXStyle(QuantStyle):
         wi = b.init(f"{name}.weight", wq_val)
         b.shapes[wi] = tuple(wq_val.shape)
         return self._quant(b, wi, scale, np.array(0.0), wq.bits, True, f"{name}.weight", tuple(wq_val.shape))
+
+
+class _FloatStyle(QuantStyle):
+    """Plain FP32 graph: quantizers dropped, raw float weights (a baseline for benchmarks)."""
+
+    opset = QDQ_OPSET
+
+    def __init__(self) -> None:
+        self.domain_opsets = {}
+
+    def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
+        return x
+
+    def weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str) -> str:
+        w = raw_weight(module).detach().to(torch.float32).cpu().numpy()
+        return b.init(f"{name}.weight", w)
+
+
+def build_float_onnx(model: nn.Module, example_input: torch.Tensor) -> Any:
+    """FP32 ONNX of any traceable model: quantizers of an instrumented one are dropped (masks are
+    kept). A baseline for size / latency comparisons, not a deployment format of prunequant."""
+    gm = model if isinstance(model, fx.GraphModule) else trace(model)
+    was = gm.training
+    gm.eval()
+    try:
+        proto, onnx = translate(gm, example_input.detach().float(), _FloatStyle(), dynamic_batch=True,
+                                value_info=False, graph_name="fp32", doc="prunequant fp32 baseline")
+    finally:
+        gm.train(was)
+    onnx.checker.check_model(proto)
+    return proto
 
 
 def build_onnx(model: nn.Module, example_input: torch.Tensor, format: str = "qdq", *,
