@@ -121,12 +121,20 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
                                  fin, fout))
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    # Only shapes and bit-widths matter here: an enabled activation quantizer that has not seen data
+    # yet (e.g. right after Compressor() with act_delay 0) passes through instead of raising.
+    unready = [m for m in model.modules() if isinstance(m, ActQuantizer) and bool(m.enabled)
+               and float(m.stat_count) <= 0]
     was = model.training
     try:
+        for m in unready:
+            m.enabled.fill_(False)
         model.eval()
         model(example_input[:1])
     finally:
         model.train(was)
+        for m in unready:
+            m.enabled.fill_(True)
         for h in handles:
             h.remove()
 

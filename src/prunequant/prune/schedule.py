@@ -90,8 +90,10 @@ class ScheduleSpec:
                 return Event(start=True)
             points = self.ramp_points()
             if step in points:
-                k = points.index(step) + 1
                 n = len(points)
+                # When the span is shorter than n, several points share a step: take the last, so
+                # the final point (= end) always reaches the target and freezes.
+                k = n - points[::-1].index(step)
                 s_k = sparsity * (1.0 - (1.0 - k / n) ** 3)
                 return Event(update=s_k, freeze=(k == n), reset_after=(k < n))
             return None

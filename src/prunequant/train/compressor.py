@@ -108,12 +108,14 @@ class Compressor:
         self._aq = [m for m in self.model.modules() if isinstance(m, ActQuantizer)]
         self.spec, self.timeline = self._build_timeline()
         self._rng_scores = self._random_scores() if p is not None and p.importance == "random" else None
-        self._apply(0)
         with torch.no_grad():  # fail early, with the model's own error, if it does not run
             was = self.model.training
             self.model.eval()
             self.model(example_input)
             self.model.train(was)
+        # After the check: step 0 may enable activation quantizers, which have no statistics yet
+        # (an eval forward through them would raise).
+        self._apply(0)
 
     # ------------------------------------------------------------------ schedule
     def _target(self, site: str) -> float:
