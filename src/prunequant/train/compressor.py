@@ -62,7 +62,11 @@ class Compressor:
     """Greedy layerwise channel pruning + statistics-based uniform QAT, driven by :meth:`step`.
 
     Args:
-        model: the trained dense network (it is traced, not modified; parameters are shared).
+        model: the trained dense network. It is instrumented in place: its conv / linear layers get
+            the weight quantizers as ``torch.nn.utils.parametrize`` parametrizations, and
+            ``comp.model`` (a traced ``GraphModule`` with the masks and activation quantizers) shares
+            its parameters, so an optimizer built on ``model.parameters()`` keeps working. Pass a
+            ``copy.deepcopy(model)`` to keep the original untouched.
         recipe: a :class:`~prunequant.Recipe` or a dict validated into one.
         example_input: a batch used to check the traced model runs and to measure it.
         steps_per_epoch: needed when the recipe gives lengths in epochs.
