@@ -1,0 +1,126 @@
+"""CPU latency of dense vs finalized (physically shrunk) ResNet-56 and MobileNetV2 on 32x32 inputs.
+
+Masks are set directly from W-L1 scores (mean |W| of each producing filter) at the target sparsity
+of every prunable site: no training is needed for timing. For each model, sparsity and batch size
+the script prints the median latency of the dense model and of the shrunk model, the measured
+speedup, the MAC reduction (dense MACs / shrunk MACs, from ``prunequant.measure``) and their ratio
+(1.0 = the wall clock falls exactly as the MACs do).
+
+    python benchmarks/speedup.py [--threads 2] [--repeats 15] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from prunequant import measure
+from prunequant.graph import instrument, raw_weight, shrink
+from prunequant.models import MobileNetV2, resnet56
+from prunequant.prune.mask import mask_from_scores
+
+MODELS = {"resnet56": resnet56, "mobilenetv2": MobileNetV2}
+
+
+def wl1_masks(gm, sparsity: float, round_to: int | None = None) -> None:
+    """Masks from W-L1 scores of each site's producer (METHOD section 4), respecting site structure."""
+    for s in gm.pq_plan.sites:
+        w = raw_weight(gm.get_submodule(s.producer)).detach()
+        axis = 1 if gm.pq_plan.layers[s.producer].kind == "convT" else 0
+        scores = w.abs().transpose(0, axis).reshape(w.shape[axis], -1).mean(dim=1)
+        if s.repeat > 1:
+            scores = scores.reshape(-1, s.repeat).mean(dim=1)
+        m = gm.get_submodule(s.mask)
+        m.mask.copy_(mask_from_scores(scores, sparsity, round_to=round_to, block=s.block, parts=s.parts))
+        m.frozen.fill_(True)
+
+
+@torch.inference_mode()
+def latencies(models: list, x: torch.Tensor, repeats: int) -> list[float]:
+    """Median wall time of one forward pass of each model, in milliseconds.
+
+    The models run interleaved (A B A B ...) after a warm-up, so that load from other processes
+    affects them alike.
+    """
+    for m in models:
+        for _ in range(3):
+            m(x)
+    times: list[list[float]] = [[] for _ in models]
+    for _ in range(repeats):
+        for m, t in zip(models, times):
+            t0 = time.perf_counter()
+            m(x)
+            t.append(time.perf_counter() - t0)
+    return [1e3 * statistics.median(t) for t in times]
+
+
+def profile_ops(model, x: torch.Tensor) -> str:
+    """Self CPU time per aten op of a few forward passes (for explaining a missed target)."""
+    from torch.profiler import profile
+
+    with torch.inference_mode(), profile() as p:
+        for _ in range(3):
+            model(x)
+    return p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--sparsities", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 64])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--round-to", type=int, default=None)
+    ap.add_argument("--quick", action="store_true", help="3 repeats, batch 64 only (smoke test)")
+    ap.add_argument("--channels-last", action="store_true", help="run both models in channels_last")
+    ap.add_argument("--profile", action="store_true", help="print a per-op profile of each pair")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.batches = 3, [64]
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"# torch {torch.__version__}, {args.threads} threads of {os.cpu_count()} cores "
+          f"({platform.machine()}), load average {load:.1f} at start; median of {args.repeats} interleaved "
+          f"runs; masks from W-L1 scores" + (f", round_to={args.round_to}" if args.round_to else "")
+          + (", channels_last" if args.channels_last else ""))
+    head = (f"| {'model':11s} | sparsity | batch | dense ms | finalized ms | speedup | MAC reduction | "
+            "speedup / MAC reduction |")
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for name in args.models:
+        dense = MODELS[name]().eval()
+        x1 = torch.randn(1, 3, 32, 32)
+        dense_macs = measure(dense, x1).macs
+        for s in args.sparsities:
+            gm, _ = instrument(copy.deepcopy(dense), prune_stat="none", example_input=x1)
+            wl1_masks(gm, s, args.round_to)
+            small = shrink(gm).eval()
+            red = dense_macs / measure(gm, x1).macs
+            for b in args.batches:
+                x = torch.randn(b, 3, 32, 32)
+                with torch.no_grad():
+                    err = float((small(x) - gm(x)).abs().max() / gm(x).abs().max().clamp(min=1e-12))
+                assert err < 1e-4, err
+                if args.channels_last:
+                    dense = dense.to(memory_format=torch.channels_last)
+                    small = small.to(memory_format=torch.channels_last)
+                    x = x.to(memory_format=torch.channels_last)
+                td, ts = latencies([dense, small], x, args.repeats)
+                sp = td / ts
+                print(f"| {name:11s} | {s:8.2f} | {b:5d} | {td:8.2f} | {ts:12.2f} | {sp:7.2f} | "
+                      f"{red:13.2f} | {sp / red:23.2f} |", flush=True)
+                if args.profile:
+                    print(f"dense {name} batch {b}:\n{profile_ops(dense, x)}\nfinalized {name} sparsity {s} "
+                          f"batch {b}:\n{profile_ops(small, x)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
