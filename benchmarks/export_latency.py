@@ -6,8 +6,9 @@ For each model (CIFAR-shaped 3x32x32 input, 10 classes, width 1.0) the script
 2. calibrates a compressed copy per bit-width with the Compressor on random batches (forward passes
    only, no weight updates: layerwise A-L1 pruning to ``--sparsity`` and statistics-based
    quantizers), finalizes it and removes the pruned channels with ``prunequant.graph.shrink``;
-3. writes the FP32 state dict (dense), FP32 ONNX (dense and pruned), QDQ and QONNX ONNX files and the
-   packed checkpoint, and reports their sizes next to ``measure().weight_mbit``;
+3. writes the FP32 state dict (dense), FP32 ONNX (dense and pruned), QDQ (plain and ``fold_bn``) and
+   QONNX ONNX files and the packed checkpoint, and reports their sizes next to
+   ``measure().weight_mbit``;
 4. times ONNX Runtime (CPU execution provider, ``--threads`` intra-op threads, full graph
    optimization) on FP32 dense, FP32 pruned and QDQ pruned models: ``--runs`` timed runs per model
    after ``--warmup`` runs, models interleaved round by round so that load changes on a shared
@@ -81,6 +82,8 @@ def sizes(dense, models: dict, x: torch.Tensor, out: Path) -> list[dict]:
         for fmt in ("qdq", "qonnx"):
             rows.append({"format": f"{fmt.upper()} ONNX ({tag})",
                          "bytes": export_onnx(m, x, out / f"{fmt}_{tag}.onnx", format=fmt).stat().st_size})
+        rows.append({"format": f"QDQ ONNX, fold_bn ({tag})",
+                     "bytes": export_onnx(m, x, out / f"qdqfold_{tag}.onnx", fold_bn=True).stat().st_size})
         rows.append({"format": f"packed checkpoint ({tag})",
                      "bytes": save_packed(m, out / f"packed_{tag}.pqpack", example_input=x).stat().st_size})
     return rows
@@ -147,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         md += [f"| {r['format']} | {r['bytes']:,} | {r['bytes'] / base:.3f} |" for r in rows]
         md.append("")
         paths = {"FP32 dense": mdir / "fp32_dense.onnx", "FP32 pruned": mdir / "fp32_pruned.onnx"}
-        paths.update({f"QDQ {t}": mdir / f"qdq_{t}.onnx" for t in models})
+        for t in models:
+            paths[f"QDQ {t}"] = mdir / f"qdq_{t}.onnx"
+            paths[f"QDQ {t}, fold_bn"] = mdir / f"qdqfold_{t}.onnx"
         lat = {}
         md += ["| ONNX Runtime latency | " + " | ".join(f"batch {b} (ms)" for b in args.batches) + " |",
                "|---|" + "---:|" * len(args.batches)]

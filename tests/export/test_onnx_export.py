@@ -123,6 +123,34 @@ def test_qdq_odd_bitwidths_clip_exactly(tmp_path):
     assert np.mean(worst <= out_step(ref)) >= 0.995 and np.median(worst) < 1e-5
 
 
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_fold_bn_gives_integer_kernels(tmp_path, name):
+    """fold_bn: BN folded into per-channel scales + INT32 bias; ONNX Runtime then uses QLinearConv."""
+    import onnxruntime as ort
+
+    model, ex = deployable(name, 8, 8)
+    proto = build_onnx(model, ex, "qdq", fold_bn=True)
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    assert ops["BatchNormalization"] <= 2  # only where a code of -2**(b-1) meets a negative gamma
+    assert any(t.data_type == TensorProto.INT32 for t in proto.graph.initializer)
+    path = tmp_path / "f.onnx"
+    path.write_bytes(proto.SerializeToString())
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    assert "QLinearConv" in {n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node}
+    x = eval_inputs(name)
+    ref = torch_run(model, x)
+    out = sess.run(None, {"input": x.numpy()})[0]
+    # Integer requantization and the INT32 bias differ from the trained float BN by rounding: close,
+    # but looser than the default export (numbers in docs/export.md).
+    assert np.mean(out.argmax(1) == ref.argmax(1)) >= 0.99
+    assert np.median(np.abs(out - ref).max(axis=1)) <= out_step(ref)
+    with pytest.raises(ExportError, match="fold_bn"):
+        build_onnx(model, ex, "qonnx", fold_bn=True)
+
+
 def test_dynamic_batch(tmp_path):
     model, ex = deployable("resnet20", 8, 8)
     path = export_onnx(model, ex, tmp_path / "m.onnx")

@@ -110,6 +110,16 @@ class QuantStyle:
 
     opset: int
     domain_opsets: dict[str, int] = {}
+    fold_bn: bool = False  # fold a BatchNorm that follows a per-channel quantized conv into it
+
+    def folded_weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str,
+                      g: np.ndarray) -> tuple[str, np.ndarray]:
+        """Weight times the per-output-channel factor ``g`` (BN folding): ``(name, scales)``."""
+        raise NotImplementedError
+
+    def bias(self, b: Builder, x: str, bias: np.ndarray, w_scale: np.ndarray, name: str) -> str:
+        """A conv bias (float32 by default)."""
+        return b.init(f"{name}.bias", bias.astype(np.float32))
 
     def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
         raise NotImplementedError
@@ -134,6 +144,13 @@ def _bias(b: Builder, module: nn.Module, name: str) -> str | None:
     if getattr(module, "bias", None) is None:
         return None
     return b.init(f"{name}.bias", module.bias.detach().to(torch.float32).cpu().numpy())
+
+
+def _bn_factor(bn: nn.Module) -> np.ndarray:
+    """Per-channel multiplier ``gamma / sqrt(var + eps)`` of an eval-mode BatchNorm (float64)."""
+    var = bn.running_var.detach().double().cpu().numpy()
+    gamma = bn.weight.detach().double().cpu().numpy() if bn.weight is not None else np.ones_like(var)
+    return gamma / np.sqrt(var + bn.eps)
 
 
 def _tuple(v: Any, n: int) -> list[int]:
@@ -168,6 +185,25 @@ class Translator:
         self.b = builder
         self.env: dict[fx.Node, Any] = {}
         self.modules = dict(gm.named_modules())
+        self.folded: dict[fx.Node, fx.Node] = {}  # conv node -> the BN node folded into it
+        self.folded_bn: set[fx.Node] = set()
+
+    def _plan_folding(self) -> None:
+        """Convs whose only user is a BatchNorm, with a per-output-channel weight quantizer."""
+        for n in self.gm.graph.nodes:
+            if n.op != "call_module" or not isinstance(self.modules[str(n.target)], CONV_TYPES):
+                continue
+            conv = self.modules[str(n.target)]
+            wq = weight_quantizer(conv)
+            users = list(n.users)
+            if (wq is None or not bool(wq.enabled) or not wq.per_channel or wq.axis != 0
+                    or len(users) != 1 or users[0].op != "call_module" or users[0].args[0] is not n):
+                continue
+            bn = self.modules[str(users[0].target)]
+            if not isinstance(bn, NORM_TYPES) or bn.running_var is None:
+                continue
+            self.folded[n] = users[0]
+            self.folded_bn.add(users[0])
 
     # ------------------------------------------------------------------ helpers
     def shape(self, n: fx.Node) -> tuple[int, ...]:
@@ -206,6 +242,8 @@ class Translator:
     # ------------------------------------------------------------------ main loop
     def run(self, example_input: torch.Tensor) -> tuple[list[str], list[tuple[int, ...]]]:
         ShapeProp(self.gm).propagate(example_input)
+        if self.style.fold_bn:
+            self._plan_folding()
         outputs: list[str] = []
         out_shapes: list[tuple[int, ...]] = []
         for n in self.gm.graph.nodes:
@@ -261,8 +299,17 @@ class Translator:
             return self.set(b.node("Mul", [x, b.init(f"{name}.mask", mask.reshape(shp))], name), n)
         if isinstance(m, CONV_TYPES + CONVT_TYPES):
             nd = m.weight.dim() - 2
-            w = _weight(b, self.style, m, name)
-            ins = [x, w] + ([bias] if (bias := _bias(b, m, name)) else [])
+            if n in self.folded:
+                bn = self.modules[str(self.folded[n].target)]
+                g = _bn_factor(bn)
+                beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else 0.0
+                mean = bn.running_mean.detach().double().cpu().numpy()
+                b0 = m.bias.detach().double().cpu().numpy() if m.bias is not None else 0.0
+                w, w_scale = self.style.folded_weight(b, m, weight_quantizer(m), name, g)
+                ins = [x, w, self.style.bias(b, x, (b0 - mean) * g + beta, w_scale, name)]
+            else:
+                w = _weight(b, self.style, m, name)
+                ins = [x, w] + ([bias] if (bias := _bias(b, m, name)) else [])
             attrs = dict(kernel_shape=_tuple(m.kernel_size, nd), strides=_tuple(m.stride, nd),
                          dilations=_tuple(m.dilation, nd), group=int(m.groups))
             if isinstance(m, CONVT_TYPES):
@@ -282,6 +329,8 @@ class Translator:
             y = b.node("MatMul", [x, wt], name)
             return self.set(b.node("Add", [y, bias], name) if bias else y, n)
         if isinstance(m, NORM_TYPES):
+            if n in self.folded_bn:
+                return x
             if m.running_mean is None:
                 raise ExportError(f"{name}: BatchNorm without running statistics cannot be exported")
             c = m.num_features

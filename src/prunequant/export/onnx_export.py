@@ -15,8 +15,14 @@ See ``docs/export.md`` for the exact node patterns. In short:
   quantizer is one ``Quant(x, scale, zeropt, bitwidth)`` node with ``signed`` / ``narrow=0`` /
   ``rounding_mode="ROUND"``; weights are float initializers already on the quantization grid.
 
-Batch norm stays a ``BatchNormalization`` node after the convolution (our QAT quantizes the
-unfolded weight, so this is the computation that was trained); runtimes fuse it as they see fit.
+Batch norm stays a ``BatchNormalization`` node after the convolution by default: QAT quantized the
+unfolded weight, so this is the computation that was trained, and ONNX Runtime reproduces it up to
+float rounding. Such a graph runs in float on ONNX Runtime's CPU provider (the Q/DQ pairs are
+executed, no integer kernel is selected). ``fold_bn=True`` folds each conv's BatchNorm into its
+per-channel weight scales (``s_c * |g_c|``, integer codes negated where ``g_c < 0``) and an INT32
+bias with scale ``s_x * s_w``: the standard QDQ conv pattern, which ONNX Runtime turns into
+``QLinearConv`` (integer arithmetic) at 8 bits. The bias rounding and the integer requantization
+are not what the model was trained with, so outputs then differ slightly more (docs/export.md).
 """
 
 from __future__ import annotations
@@ -76,9 +82,11 @@ class QDQStyle(QuantStyle):
 
     opset = QDQ_OPSET
 
-    def __init__(self, int4: bool = True):
+    def __init__(self, int4: bool = True, fold_bn: bool = False):
         self.int4 = int4
+        self.fold_bn = fold_bn
         self.domain_opsets = {}
+        self.act_scale: dict[str, float] = {}  # dequantized activation tensor -> its step
 
     def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
         step, zp = aq.qparams()
@@ -96,12 +104,51 @@ class QDQStyle(QuantStyle):
         s = b.init(f"{name}.scale", np.array(step_f, dtype=np.float32))
         z = b.init(f"{name}.zero_point", _int_tensor(elem, np.array(zp_i), []))
         q = b.node("QuantizeLinear", [x, s, z], f"{name}.q", shape=shape, elem_type=elem)
-        return b.node("DequantizeLinear", [q, s, z], f"{name}.dq", shape=shape)
+        out = b.node("DequantizeLinear", [q, s, z], f"{name}.dq", shape=shape)
+        self.act_scale[out] = float(step_f)
+        return out
 
     def weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str) -> str:
         w = raw_weight(module).detach().to(torch.float32).cpu()
+        return self._dq_weight(b, wq, name, wq.int_codes(w).numpy(),
+                               wq.scale(w).cpu().numpy().astype(np.float32))
+
+    def folded_weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str,
+                      g: np.ndarray) -> tuple[str, np.ndarray]:
+        """BN folded into the per-channel scales: ``s_c * g_c``.
+
+        Where ``g_c < 0`` the channel's codes are negated and the scale is ``s_c * |g_c|``; if a code
+        there is ``-2**(b-1)`` (whose negation does not fit in b bits) the scale stays negative.
+        """
+        w = raw_weight(module).detach().to(torch.float32).cpu()
         codes = wq.int_codes(w).numpy()
-        scale = wq.scale(w).cpu().numpy().astype(np.float32)
+        s = wq.scale(w).cpu().numpy().astype(np.float64)
+        flat = codes.reshape(codes.shape[0], -1)
+        flip = (g < 0) & ~(flat == wq.qmin).any(axis=1)
+        shp = (-1,) + (1,) * (codes.ndim - 1)
+        codes = np.where(flip.reshape(shp), -codes, codes)
+        codes = np.where((g == 0).reshape(shp), 0, codes)  # constant channel: weights do not matter
+        eff = np.where(g == 0, s, s * np.where(flip, -g, g)).astype(np.float32)
+        return self._dq_weight(b, wq, name, codes, eff), eff
+
+    def bias(self, b: Builder, x: str, bias: np.ndarray, w_scale: np.ndarray, name: str) -> str:
+        """Folded bias: INT32 with scale ``s_x * s_w[c]`` after a quantized input (the QDQ form that
+        integer conv kernels consume), float32 otherwise."""
+        bias = np.broadcast_to(np.asarray(bias, dtype=np.float64), w_scale.shape)
+        sx = self.act_scale.get(x)
+        if sx is None:
+            return b.init(f"{name}.bias", bias.astype(np.float32))
+        sb = (np.float32(sx) * w_scale.astype(np.float32)).astype(np.float32)
+        q = np.clip(np.round(bias / sb.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        from onnx import numpy_helper
+
+        qi = b.init(f"{name}.bias_int32", numpy_helper.from_array(q, "t"))
+        si = b.init(f"{name}.bias_scale", sb)
+        zi = b.init(f"{name}.bias_zero_point", numpy_helper.from_array(np.zeros_like(q), "t"))
+        return b.node("DequantizeLinear", [qi, si, zi], f"{name}.bias", axis=0, shape=tuple(q.shape))
+
+    def _dq_weight(self, b: Builder, wq: WeightQuantizer, name: str, codes: np.ndarray,
+                   scale: np.ndarray) -> str:
         elem, _ = _container(wq.bits, signed=True, int4=self.int4)
         wi = b.init(f"{name}.weight_int{wq.bits}", _int_tensor(elem, codes, list(codes.shape)))
         attrs: dict[str, Any] = {}
@@ -184,7 +231,8 @@ def build_float_onnx(model: nn.Module, example_input: torch.Tensor) -> Any:
 
 
 def build_onnx(model: nn.Module, example_input: torch.Tensor, format: str = "qdq", *,
-               allow_masked: bool = False, dynamic_batch: bool | None = None, int4: bool = True) -> Any:
+               allow_masked: bool = False, dynamic_batch: bool | None = None, int4: bool = True,
+               fold_bn: bool = False) -> Any:
     """The ``onnx.ModelProto`` that :func:`export_onnx` writes (see there for the arguments)."""
     if format not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {format!r}")
@@ -192,7 +240,9 @@ def build_onnx(model: nn.Module, example_input: torch.Tensor, format: str = "qdq
     if not isinstance(example_input, torch.Tensor):
         raise ExportError("example_input must be a tensor batch shaped like the model's input")
     gm = model if isinstance(model, fx.GraphModule) else trace(model)
-    style: QuantStyle = QDQStyle(int4=int4) if format == "qdq" else QONNXStyle()
+    if fold_bn and format != "qdq":
+        raise ExportError("fold_bn applies to format='qdq' only (FINN / hls4ml fold BatchNorm themselves)")
+    style: QuantStyle = QDQStyle(int4=int4, fold_bn=fold_bn) if format == "qdq" else QONNXStyle()
     if dynamic_batch is None:
         dynamic_batch = format == "qdq"  # FINN / hls4ml flows want static shapes
     dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
@@ -214,7 +264,8 @@ def build_onnx(model: nn.Module, example_input: torch.Tensor, format: str = "qdq
 
 
 def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, format: str = "qdq", *,
-                allow_masked: bool = False, dynamic_batch: bool | None = None, int4: bool = True) -> Path:
+                allow_masked: bool = False, dynamic_batch: bool | None = None, int4: bool = True,
+                fold_bn: bool = False) -> Path:
     """Write a quantized model as one self-contained ``.onnx`` file and return its path.
 
     Args:
@@ -228,12 +279,17 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         dynamic_batch: symbolic batch dimension ``N`` (default: True for qdq, False for qonnx).
         int4: store <= 4-bit tensors in the opset-21 INT4 / UINT4 types (default); ``False`` uses 8-bit
             containers with clipping (for runtimes without 4-bit support).
+        fold_bn: (qdq only) fold each BatchNorm that follows a conv into the conv's per-channel weight
+            scales and an INT32 bias (``s_x * s_w`` scale), the pattern integer kernels (ONNX Runtime
+            QLinearConv, TensorRT) consume. The integer weight codes are unchanged; the result equals
+            the trained model up to float rounding (and the bias rounding, below one accumulator
+            step), not bit for bit, so it is off by default.
 
     Raises:
         ExportError: not quantized, not finalized, an op the translator does not support, ...
     """
     proto = build_onnx(model, example_input, format, allow_masked=allow_masked, dynamic_batch=dynamic_batch,
-                       int4=int4)
+                       int4=int4, fold_bn=fold_bn)
     data = proto.SerializeToString()
     return atomic_write(path, lambda p: p.write_bytes(data))
 
