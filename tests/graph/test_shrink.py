@@ -16,7 +16,7 @@ from prunequant.graph.discover import kept_positions
 MIN_SITES = {
     "resnet20": 9, "vgg_small": 6, "mobilenetv2": 18, "lenet5": 4, "bottleneck": 9, "preact_resnet": 3,
     "densenet_block": 8, "unet": 9, "espcn": 2, "sr_upsampler": 4, "dcgan": 3, "split": 9,
-    "grouped_se": 6, "mlp": 2,
+    "grouped_se": 6, "shufflenet": 3, "mlp": 2,
 }
 
 

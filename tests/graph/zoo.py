@@ -255,6 +255,51 @@ class GroupedSENet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
 
 
+def channel_shuffle(x: Tensor, groups: int) -> Tensor:
+    b, c, h, w = x.size()
+    x = x.view(b, groups, c // groups, h, w).transpose(1, 2).contiguous()
+    return x.view(b, c, h, w)
+
+
+class ShuffleBlock(nn.Module):
+    """ShuffleNetV2 unit: depthwise convs without activation, channel split / concat / shuffle."""
+
+    def __init__(self, inp: int, out: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        half = out // 2
+        if stride > 1:
+            self.branch1 = nn.Sequential(
+                nn.Conv2d(inp, inp, 3, stride, 1, groups=inp, bias=False), nn.BatchNorm2d(inp),
+                nn.Conv2d(inp, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+        b_in = inp if stride > 1 else half
+        self.branch2 = nn.Sequential(
+            nn.Conv2d(b_in, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU(),
+            nn.Conv2d(half, half, 3, stride, 1, groups=half, bias=True), nn.BatchNorm2d(half),
+            nn.Conv2d(half, half, 1, bias=False), nn.BatchNorm2d(half), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride == 1:
+            x1, x2 = x.chunk(2, dim=1)
+            out = torch.cat((x1, self.branch2(x2)), dim=1)
+        else:
+            out = torch.cat((self.branch1(x), self.branch2(x)), dim=1)
+        return channel_shuffle(out, 2)
+
+
+class ShuffleNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = cbr(3, 12)
+        self.stages = nn.Sequential(ShuffleBlock(12, 24, 2), ShuffleBlock(24, 24, 1), ShuffleBlock(24, 32, 2))
+        self.head = nn.Sequential(nn.Conv2d(32, 16, 1), nn.ReLU())
+        self.fc = nn.Linear(16, 10, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.stages(self.stem(x)))
+        return self.fc(x.mean([2, 3]))
+
+
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -283,6 +328,7 @@ ZOO: dict[str, tuple] = {
     "dcgan": (DCGANGenerator, (2, 16, 1, 1)),
     "split": (SplitNet, (2, 3, 12, 12)),
     "grouped_se": (GroupedSENet, (2, 3, 12, 12)),
+    "shufflenet": (ShuffleNet, (2, 3, 16, 16)),
     "mlp": (MLP, (4, 20)),
 }
 

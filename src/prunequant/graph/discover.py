@@ -144,6 +144,9 @@ class Site:
     side: list[tuple[str, int]] = field(default_factory=list)  # (per-channel module, channels each)
     repeat: int = 1  # producer output channels per site channel (PixelShuffle between them)
     gates: list[str] = field(default_factory=list)  # layers whose outputs gate this site (SE)
+    #: depthwise convs without activation after them: (conv, its BatchNorms, the unpadded convs that
+    #: absorb the constant a removed channel has there into their bias)
+    folds: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
     block: int = 1  # channels are removed in aligned blocks of this size
     part: int = 0  # each aligned partition of this many channels loses the same number (0: all)
     kept: list[int] | None = None  # after shrink(): original indices of the channels that remain
@@ -343,6 +346,12 @@ def _is_depthwise(m: nn.Module) -> bool:
     return isinstance(m, CONV_TYPES) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
+def _unpadded(m: nn.Module) -> bool:
+    if isinstance(m.padding, str):
+        return m.padding == "valid" or all(k == 1 for k in m.kernel_size)
+    return all(p == 0 for p in m.padding)
+
+
 def _out_channels(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
@@ -477,6 +486,7 @@ class _Walk:
         self.rewrites: dict[fx.Node, Rewrite] = {}
         self.tied: list[tuple[fx.Node, fx.Node, list[fx.Node]]] = []  # (dw conv, act, side nodes)
         self.gates: list[fx.Node] = []
+        self.folds: list[tuple[fx.Node, list[fx.Node], list[fx.Node]]] = []  # (dw, norms, consumers)
         self.bounds: set[int] = set()  # site channel indices where a partition must start
         self.block = site.block
         self.seen: set[tuple[fx.Node, _State]] = set()
@@ -536,10 +546,24 @@ class _Walk:
             return self.shuffle(node, st, u, d, up=True)
         if isinstance(_mod(gm, u), nn.PixelUnshuffle) or u.target is F.pixel_unshuffle:
             return self.shuffle(node, st, u, d, up=False)
+        if _calls(u, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
+            return self.reduce(node, st, u, d)
         if self.harmless(node, u):
             return []
         self.reject(f"coupled: feeds {d}")
         return []
+
+    def reduce(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        """``x.mean(dims)`` / sum / amax over spatial dims only (global pooling written by hand)."""
+        shape = self.shapes.get(node)
+        dims = _arg(u, 1, "dim")
+        if u.args[0] is not node or not isinstance(shape, tuple) or dims is None or st.f != 1:
+            self.reject(f"coupled: feeds {d}")
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        dims = [k + len(shape) if k < 0 else k for k in dims]
+        if any(k < 2 for k in dims):
+            self.reject(f"coupled: {d} reduces over the batch or channel dimension")
+        return [(u, st)]
 
     def harmless(self, node: fx.Node, u: fx.Node) -> bool:
         """Uses that read no channel count: ``x.size(0)``, ``x.dim()``, ``x.shape[0]``, dtype, device."""
@@ -599,23 +623,49 @@ class _Walk:
         side: list[fx.Node] = []
         p = u
         while True:
-            if len(p.users) != 1:
-                self.reject(f"coupled: depthwise {d} output is used before its activation")
-            q = next(iter(p.users))
-            qm = _mod(gm, q)
-            if isinstance(qm, NORM_TYPES + INSTANCE_NORM_TYPES):
-                side.append(q)
-                p = q
-                continue
-            if _is_act(gm, q):
-                if isinstance(qm, nn.PReLU) and qm.num_parameters > 1:
+            users = list(p.users)
+            if len(users) == 1:
+                q = users[0]
+                qm = _mod(gm, q)
+                if isinstance(qm, NORM_TYPES + INSTANCE_NORM_TYPES):
                     side.append(q)
-                for n in [u] + side:
-                    if self.calls.get(str(n.target), 0) > 1:
-                        self.reject(f"coupled: module '{n.target}' is called more than once")
-                self.tied.append((u, q, side))
-                return [(q, st)]
-            self.reject(f"coupled: depthwise {d} is not followed by [BatchNorm] and an activation")
+                    p = q
+                    continue
+                if _is_act(gm, q):
+                    if isinstance(qm, nn.PReLU) and qm.num_parameters > 1:
+                        side.append(q)
+                    self._check_once([u] + side)
+                    self.tied.append((u, q, side))
+                    return [(q, st)]
+            return self.fold(u, side, p, d)
+
+    def _check_once(self, nodes: list[fx.Node]) -> None:
+        for n in nodes:
+            if self.calls.get(str(n.target), 0) > 1:
+                self.reject(f"coupled: module '{n.target}' is called more than once")
+
+    def fold(self, u: fx.Node, side: list[fx.Node], p: fx.Node, d: str) -> list:
+        """Depthwise conv + BatchNorm without activation: a removed channel is a constant there.
+
+        Unpadded convs that read it absorb the constant into their bias (exact in eval mode).
+        """
+        gm = self.gm
+        if any(not isinstance(_mod(gm, n), NORM_TYPES) for n in side):
+            self.reject(f"coupled: depthwise {d} is followed by a norm other than BatchNorm and no "
+                        "activation")
+        self._check_once([u] + side)
+        consumers = []
+        for w in p.users:
+            m = _mod(gm, w)
+            ok = _is_layer(gm, w) and isinstance(m, CONV_TYPES) and m.groups == 1 and w.args[0] is p \
+                and p not in _node_args(w)[1:] and self.calls.get(str(w.target), 0) == 1 and _unpadded(m)
+            if not ok:
+                self.reject(f"coupled: depthwise {d} has no activation after it and feeds {_describe(gm, w)} "
+                            "(only unpadded convs can absorb the constant it outputs for a removed channel)")
+            consumers.append(w)
+        for w in consumers:
+            self.taps.setdefault(str(w.target), []).append((w, Tap(self.site.name, 0, 0, self.site.channels)))
+        self.folds.append((u, side, consumers))
         return []
 
     # reshaping ops ---------------------------------------------------------------------------------
@@ -862,10 +912,12 @@ def discover(
             continue
         owned = [str(t.target) for t, _, _ in walk.tied] + [str(g.target) for g in walk.gates]
         owned += [str(s.target) for _, _, sd in walk.tied for s in sd]
+        owned += [str(t.target) for t, _, _ in walk.folds]
+        owned += [str(s.target) for _, sd, _ in walk.folds for s in sd]
         if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
             skipped[pname] = "coupled: shares a depthwise conv or gate with another site"
             continue
-        if not walk.taps and not walk.tied:
+        if not walk.taps and not walk.tied and not walk.folds:
             skipped[pname] = "feeds no conv / linear layer"
             continue
         # Structure: blocks and balanced partitions.
@@ -886,8 +938,11 @@ def discover(
         site.part = part
         claimed.add(pname)
         claimed.update(owned)
-        site.tied = [str(t.target) for t, _, _ in walk.tied]
+        site.tied = [str(t.target) for t, _, _ in walk.tied] + [str(t.target) for t, _, _ in walk.folds]
         site.tied_norms = [str(s.target) for _, _, sd in walk.tied for s in sd]
+        site.tied_norms += [str(s.target) for _, sd, _ in walk.folds for s in sd]
+        site.folds = [(str(t.target), [str(n.target) for n in sd], [str(c.target) for c in cs])
+                      for t, sd, cs in walk.folds]
         site.gates = [str(g.target) for g in walk.gates]
         site.consumers = list(walk.taps)
         site._nodes = {"acts": [n] + [a for _, a, _ in walk.tied], "walk": walk}  # type: ignore[attr-defined]

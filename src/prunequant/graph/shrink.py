@@ -173,6 +173,55 @@ def _slice_depthwise(m: nn.Module, idx: torch.Tensor) -> None:
         wq.stat_sum = wq.stat_sum[idx.to(wq.stat_sum.device)].clone()
 
 
+def _fold(gm, plan, site: Site, mask: torch.Tensor, dw: str, norms: list[str], consumers: list[str]) -> None:
+    """Add what removed channels contribute after ``dw -> norms`` (a constant each) to consumer biases.
+
+    A masked channel is zero before the depthwise conv, so after it the channel holds the conv bias
+    everywhere, and after the (eval-mode) BatchNorms a per-channel constant. An unpadded conv reading
+    it adds ``sum(W[:, c]) * const_c`` to every output; with the channel removed that sum moves into
+    its bias, or, when it has none and feeds only a BatchNorm, into that norm's running mean (so no
+    parameter is added). Quantizers are applied as in the masked model (fake-quantized weight, the
+    activation quantizer on the constant). Exact in eval mode.
+    """
+    gone = mask == 0
+    if not bool(gone.any()):
+        return
+    conv = gm.get_submodule(dw)
+    dims = _raw(conv).dim() - 2
+    c = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(site.channels)
+    y = c.reshape(1, -1, *([1] * dims))
+    for n in norms:
+        bn = gm.get_submodule(n)
+        was = bn.training
+        bn.eval()
+        y = bn(y)
+        bn.train(was)
+    for name in consumers:
+        m = gm.get_submodule(name)
+        v = y
+        aq_name = plan.layers[name].act_quant
+        if aq_name:
+            aq = gm.get_submodule(aq_name)
+            was = aq.training
+            aq.eval()
+            v = aq(v)
+            aq.train(was)
+        w = m.weight.detach()  # fake-quantized when its quantizer is enabled
+        v = v.reshape(-1).to(w.dtype)
+        g = gone.to(w.device)
+        delta = (w[:, g].reshape(w.shape[0], int(g.sum()), -1).sum(dim=2) * v[g]).sum(dim=1)
+        if m.bias is not None:
+            m.bias = _param(m.bias, m.bias.detach() + delta)
+            continue
+        node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == name)
+        users = list(node.users)
+        bn = gm.get_submodule(users[0].target) if len(users) == 1 and users[0].op == "call_module" else None
+        if isinstance(bn, NORM_TYPES) and bn.running_mean is not None:
+            bn.running_mean -= delta.to(bn.running_mean)  # BN(y + d) == BN'(y) with mean - d
+        else:
+            m.bias = nn.Parameter(delta.clone())
+
+
 def _expand(idx: torch.Tensor, k: int) -> torch.Tensor:
     """Channel indices -> indices of the ``k`` consecutive channels each one stands for."""
     if k == 1:
@@ -244,6 +293,10 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         mods[s.name] = cm
 
     with torch.no_grad():
+        # Constants of removed channels after depthwise convs without activation, into consumer biases.
+        for s in plan.sites:
+            for dw, norms, consumers in s.folds:
+                _fold(gm, plan, s, masks[s.name], dw, norms, consumers)
         # Producer side.
         for s in plan.sites:
             idx = (masks[s.name] != 0).nonzero().flatten()
