@@ -48,9 +48,19 @@ def test_run_on_real_digits_learns_and_compresses(tmp_path: Path) -> None:
     assert ph["final"]["weight_bits"] == [4] and ph["final"]["act_bits"] == [4]
     assert ph["final"]["bops"] < ph["dense"]["bops"] / 50  # 32x32 -> 4x4 bits and half the channels
     # Checkpoints load safely with weights_only and hold the compression state.
-    state = torch.load(tmp_path / "model.pt", weights_only=True)
+    state = torch.load(tmp_path / "masked.pt", weights_only=True)
     assert "pq_step" in state and any(k.endswith(".mask") for k in state)
     assert torch.load(tmp_path / "dense.pt", weights_only=True)
+    # The final model is physically smaller and computes what the masked model computes.
+    assert res["shrink_check"]["shrunk"] and res["shrink_check"]["argmax_equal"]
+    assert res["shrink_check"]["max_rel_diff"] < 1e-4
+    from prunequant.graph import load_pruned
+    from prunequant.models import build_model
+
+    x = torch.randn(4, 1, 8, 8)
+    rebuilt = load_pruned(build_model("resnet20", 10, in_channels=1, image_size=8, width=0.25),
+                          tmp_path / "model", x)
+    assert sum(p.numel() for p in rebuilt.parameters()) == ph["final"]["params"]
 
 
 def test_dense_checkpoint_is_reused(tmp_path: Path) -> None:

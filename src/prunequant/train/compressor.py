@@ -246,11 +246,13 @@ class Compressor:
         """Restore a state saved by :meth:`state_dict` (resume mid-schedule)."""
         self.model.load_state_dict(state)
 
-    def finalize(self) -> nn.Module:
+    def finalize(self, shrink: bool = True) -> nn.Module:
         """Freeze everything and return the compressed model in eval mode.
 
-        Masks are frozen at their current state, quantizer statistics stop updating. Physical
-        channel removal is applied by :func:`prunequant.graph.shrink` where available.
+        Masks are frozen at their current state and quantizer statistics stop updating. With
+        ``shrink=True`` (default) the pruned channels are physically removed
+        (:func:`prunequant.graph.shrink`): the result is a smaller dense network computing the same
+        function, with its quantizers' state sliced along; ``comp.model`` stays the masked model.
         """
         for m in self._masks:
             m.collecting.fill_(False)
@@ -258,6 +260,10 @@ class Compressor:
         for aq in self._aq:
             aq.frozen.fill_(True)
         self.model.eval()
+        if shrink and self.plan.sites:
+            from ..graph.shrink import shrink as _shrink
+
+            return _shrink(self.model).eval()
         return self.model
 
 

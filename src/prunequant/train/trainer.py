@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data import DataBundle, DatasetError, load_dataset
+from ..graph.persist import save_pruned
 from ..metrics.measure import measure
 from ..models import build_model
 from ..quant.quantizers import ActQuantizer
@@ -174,8 +175,23 @@ def _phase_result(model: nn.Module, data: DataBundle, example: Tensor, device: t
     }
 
 
+@torch.no_grad()
+def _shrink_check(masked: nn.Module, final: nn.Module, example: Tensor) -> dict[str, Any]:
+    """Compare the masked and the physically smaller model on the example batch."""
+    a, b = masked.eval()(example), final.eval()(example)
+    scale = float(a.abs().max().clamp(min=1e-12))
+    return {"shrunk": final is not masked, "max_abs_diff": float((a - b).abs().max()),
+            "max_rel_diff": float((a - b).abs().max()) / scale,
+            "argmax_equal": bool(torch.equal(a.argmax(1), b.argmax(1)))}
+
+
 def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run dense training and compression; write the dense / final checkpoints; return the results."""
+    """Run dense training and compression; return the results.
+
+    Writes ``dense.pt`` (dense state dict), ``masked.pt`` (the instrumented masked model's state dict:
+    every piece of compression state, for resuming or inspection) and ``model/`` (the physically
+    smaller model: ``weights.pt`` + ``pruning.json``, see :func:`prunequant.graph.save_pruned`).
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -245,7 +261,10 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         bar.phase("evaluating final")
         results["phases"].update(snap)
         results["phases"]["final"] = _phase_result(final, data, example, device, cfg)
-        atomic_torch_save(final.state_dict(), out / "model.pt")
+        results["shrink_check"] = _shrink_check(comp.model, final, example)
+        atomic_torch_save(comp.model.state_dict(), out / "masked.pt")
+        if comp.plan.sites:
+            save_pruned(final, out / "model")
     finally:
         bar.close()
     timings["total_s"] = time.time() - t0
