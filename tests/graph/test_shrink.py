@@ -164,3 +164,27 @@ def test_without_example_input_simple_routes_still_work() -> None:
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert _rel(shrink(gm)(x), gm(x)) < 1e-5
+
+
+def test_quantize_after_shrink() -> None:
+    """The paper's joint pipeline: prune, then quantize and fine-tune the smaller network."""
+    from prunequant import Compressor
+
+    _, gm, x = build("resnet20")
+    small = shrink(gm)
+    before = measure(small, x)
+    recipe = {"prune": None, "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 0,
+                                       "act_delay": 0}}
+    comp = Compressor(small, recipe, x)
+    comp.model.train()
+    opt = torch.optim.SGD(comp.model.parameters(), lr=0.01)
+    for _ in range(3):
+        loss = comp.model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        comp.step()
+    q = comp.finalize()
+    m = measure(q, x)
+    assert m.params == before.params and m.macs == before.macs
+    assert m.weight_mbit == pytest.approx(before.weight_mbit / 8)
