@@ -407,3 +407,17 @@ def test_compressor_instruments_in_place_and_shares_parameters():
     comp.model(x).square().mean().backward()
     opt.step()
     assert any(not torch.equal(b, p) for b, p in zip(before, comp.model.parameters()))
+
+
+def test_per_layer_bits_inherit_unset_fields_and_null_means_float():
+    """``{act_bits: 8}`` keeps the global weight bits; an explicit ``weight_bits: null`` is float."""
+    model = _model()
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    first, last = names[0], names[-1]
+    recipe = {"prune": None, "quant": {**QUANT, "weight_bits": 4, "act_bits": 4, "weight_delay": 0,
+                                        "per_layer": {first: {"act_bits": 8}, last: {"weight_bits": None}}}}
+    comp = Compressor(model, recipe, _example())
+    info = comp.plan.layers
+    assert info[first].weight_bits == 4 and info[first].act_bits == 8
+    assert info[last].weight_bits is None and info[last].act_bits == 4
+    assert comp._wq.keys() == set(names) - {last}

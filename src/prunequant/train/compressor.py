@@ -89,7 +89,8 @@ class Compressor:
         stat = None
         if p is not None:
             stat = p.importance if p.importance in ("a_l1", "a_l0") else "none"
-        layer_bits = {k: v.model_dump() for k, v in q.per_layer.items()} if q else None
+        # exclude_unset: a field left out inherits the global bits; an explicit null means float.
+        layer_bits = {k: v.model_dump(exclude_unset=True) for k, v in q.per_layer.items()} if q else None
         self.model, self.plan = instrument(
             model,
             prune_stat=stat,
