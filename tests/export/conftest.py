@@ -10,10 +10,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-pytest.importorskip("onnx")
-pytest.importorskip("onnxruntime")
-
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """Tiny models: one intra-op thread is much faster (and steadier) than two on a busy CPU."""

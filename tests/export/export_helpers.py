@@ -137,7 +137,10 @@ def compressed(name: str, wb: int, ab: int):
         loss.backward()
         opt.step()
         comp.step()
-    fm = comp.finalize()
+    try:
+        fm = comp.finalize(shrink=False)  # the masked model; shrunk below
+    except TypeError:  # finalize() without the shrink argument returns the masked model
+        fm = comp.finalize()
     small = _shrink(fm) if _shrink is not None else None
     if small is not None:
         small.eval()

@@ -5,10 +5,13 @@ from __future__ import annotations
 import collections
 
 import numpy as np
-import onnx
 import pytest
-import torch
-from export_helpers import (
+
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+import torch  # noqa: E402
+from export_helpers import (  # noqa: E402
     compressed,
     deployable,
     eval_inputs,
@@ -17,12 +20,12 @@ from export_helpers import (
     out_step,
     torch_run,
 )
-from onnx import TensorProto
+from onnx import TensorProto  # noqa: E402
 
-from prunequant import Compressor
-from prunequant.export import ExportError, build_onnx, export_onnx
-from prunequant.export._checks import shrink_available
-from prunequant.graph.discover import instrument
+from prunequant import Compressor  # noqa: E402
+from prunequant.export import ExportError, build_onnx, export_onnx  # noqa: E402
+from prunequant.export._checks import shrink_available  # noqa: E402
+from prunequant.graph.discover import instrument  # noqa: E402
 
 MODELS = ["resnet20", "mobilenetv2", "espcn"]
 BITS = [(8, 8), (4, 4), (2, 8)]  # W8A8, W4A4, 2-bit weights

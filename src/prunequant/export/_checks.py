@@ -19,8 +19,7 @@ class ExportError(ValueError):
 NOT_QUANTIZED = (
     "the model has no enabled quantizer, so there is nothing integer to export. Run QAT first: drive a "
     "prunequant.Compressor with a recipe that has a `quant:` section (e.g. weight_bits: 8, act_bits: 8) "
-    "for at least weight_delay / act_delay steps, call comp.finalize(), and export comp.model (or the "
-    "model returned by finalize())"
+    "for at least weight_delay / act_delay steps, then export the model that comp.finalize() returns"
 )
 
 
@@ -100,8 +99,9 @@ def check_exportable(model: nn.Module, *, allow_masked: bool = False, what: str 
             )
     if st.masked_channels and not allow_masked and shrink_available():
         raise ExportError(
-            f"{what}: the model still carries {st.masked_channels} masked (zeroed) channels. Remove them "
-            "first with `model = prunequant.graph.shrink(model)` so the exported network is physically "
-            "smaller (or pass allow_masked=True to export the masked network as is)"
+            f"{what}: the model still carries {st.masked_channels} masked (zeroed) channels. Export the "
+            "model that Compressor.finalize() returns (it removes them) or remove them with "
+            "`model = prunequant.graph.shrink(model)`, so the exported network is physically smaller "
+            "(or pass allow_masked=True to export the masked network as is)"
         )
     return st

@@ -111,6 +111,7 @@ class QuantStyle:
     opset: int
     domain_opsets: dict[str, int] = {}
     fold_bn: bool = False  # fold a BatchNorm that follows a per-channel quantized conv into it
+    bias_as_add: bool = False  # float biases as a separate Add (keeps runtimes from quantizing them)
 
     def folded_weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str,
                       g: np.ndarray) -> tuple[str, np.ndarray]:
@@ -140,10 +141,11 @@ def _weight(b: Builder, style: QuantStyle, module: nn.Module, name: str) -> str:
     return style.weight(b, module, wq, name)
 
 
-def _bias(b: Builder, module: nn.Module, name: str) -> str | None:
+def _bias(b: Builder, module: nn.Module, name: str, shape: list[int] | None = None) -> str | None:
     if getattr(module, "bias", None) is None:
         return None
-    return b.init(f"{name}.bias", module.bias.detach().to(torch.float32).cpu().numpy())
+    arr = module.bias.detach().to(torch.float32).cpu().numpy()
+    return b.init(f"{name}.bias", arr.reshape(shape) if shape else arr)
 
 
 def _bn_factor(bn: nn.Module) -> np.ndarray:
@@ -233,10 +235,12 @@ class Translator:
     def fail(self, n: fx.Node, what: str) -> ExportError:
         return ExportError(
             f"cannot export node {n.name!r} ({n.op} {what}): not supported by prunequant's ONNX "
-            "translator. Supported: conv / transposed conv / linear, batch norm, ReLU / ReLU6 / "
-            "LeakyReLU / PReLU / SiLU / GELU / Hardswish / ELU / sigmoid / tanh / hardtanh, max / avg / "
-            "adaptive pooling, flatten / view / reshape, add / sub / mul / div, cat, pixel shuffle, "
-            "dropout / identity. Rewrite that part of forward() with these ops or open an issue"
+            "translator. Supported: conv / transposed conv / linear, batch / instance / group norm, "
+            "ReLU / ReLU6 / LeakyReLU / PReLU / SiLU / GELU / Hardswish / Hardsigmoid / ELU / SELU / CELU "
+            "/ Mish / softplus / softsign / sigmoid / tanh / hardtanh / softmax, max / avg / adaptive "
+            "pooling, flatten / view / reshape / permute / transpose, slicing, split / chunk, cat, "
+            "add / sub / mul / div, mean, pad, nearest / linear upsampling, pixel (un)shuffle, dropout "
+            "/ identity (docs/export.md). Rewrite that part of forward() with these ops or open an issue"
         )
 
     # ------------------------------------------------------------------ main loop
@@ -309,9 +313,19 @@ class Translator:
                 ins = [x, w, self.style.bias(b, x, (b0 - mean) * g + beta, w_scale, name)]
             else:
                 w = _weight(b, self.style, m, name)
-                ins = [x, w] + ([bias] if (bias := _bias(b, m, name)) else [])
+                bias = _bias(b, m, name, shape=[1, -1] + [1] * nd if self.style.bias_as_add else None)
+                ins = [x, w] + ([bias] if bias and not self.style.bias_as_add else [])
             attrs = dict(kernel_shape=_tuple(m.kernel_size, nd), strides=_tuple(m.stride, nd),
                          dilations=_tuple(m.dilation, nd), group=int(m.groups))
+            if n not in self.folded and bias and self.style.bias_as_add:
+                op = "ConvTranspose" if isinstance(m, CONVT_TYPES) else "Conv"
+                if op == "ConvTranspose":
+                    p = _tuple(m.padding, nd)
+                    attrs.update(pads=p + p, output_padding=_tuple(m.output_padding, nd))
+                else:
+                    attrs["pads"] = _conv_pads(m, nd, name)
+                y = b.node(op, ins, name, **attrs)
+                return self.set(b.node("Add", [y, bias], name), n)
             if isinstance(m, CONVT_TYPES):
                 if getattr(m, "padding_mode", "zeros") != "zeros":
                     raise ExportError(f"{name}: padding_mode {m.padding_mode!r} not supported")
@@ -324,6 +338,8 @@ class Translator:
             w = _weight(b, self.style, m, name)
             bias = _bias(b, m, name)
             if len(self.shape(n.args[0])) == 2:
+                if bias and self.style.bias_as_add:
+                    return self.set(b.node("Add", [b.node("Gemm", [x, w], name, transB=1), bias], name), n)
                 return self.set(b.node("Gemm", [x, w] + ([bias] if bias else []), name, transB=1), n)
             wt = b.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
             y = b.node("MatMul", [x, wt], name)
@@ -339,8 +355,23 @@ class Translator:
             arrs = [t.to(torch.float32).cpu().numpy() for t in (g, be, m.running_mean, m.running_var)]
             ins = [x] + [b.init(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), arrs)]
             return self.set(b.node("BatchNormalization", ins, name, epsilon=float(m.eps)), n)
+        if isinstance(m, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
+            return self.instance_norm(n, x, m)
+        if isinstance(m, nn.GroupNorm):
+            return self.group_norm(n, x, m.num_groups, m.weight, m.bias, m.eps)
         if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)):
             return x
+        if isinstance(m, nn.PixelUnshuffle):
+            return self.pixel_unshuffle(n, x, int(m.downscale_factor))
+        if isinstance(m, (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)):
+            return self.resize(n, x, m.mode, m.align_corners)
+        if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
+                          nn.ConstantPad3d)):
+            return self.pad(n, x, m.padding, "constant", float(getattr(m, "value", 0.0)))
+        if isinstance(m, (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d)):
+            return self.pad(n, x, m.padding, "reflect")
+        if isinstance(m, (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)):
+            return self.pad(n, x, m.padding, "replicate")
         if isinstance(m, nn.Flatten):
             return self.flatten(n, x, m.start_dim, m.end_dim)
         if isinstance(m, nn.PixelShuffle):
@@ -391,6 +422,19 @@ class Translator:
             return self.hardswish(n, x)
         if isinstance(m, nn.GELU):
             return self.gelu(n, x, m.approximate)
+        if isinstance(m, nn.Hardsigmoid):
+            return self.set(b.node("HardSigmoid", [x], name, alpha=1.0 / 6.0, beta=0.5), n)
+        if isinstance(m, nn.Softplus) and float(m.beta) == 1.0:
+            return self.set(b.node("Softplus", [x], name), n)
+        if isinstance(m, nn.SELU):
+            return self.set(b.node("Selu", [x], name), n)
+        if isinstance(m, nn.CELU):
+            return self.set(b.node("Celu", [x], name, alpha=float(m.alpha)), n)
+        if isinstance(m, nn.Softsign):
+            return self.set(b.node("Softsign", [x], name), n)
+        if isinstance(m, nn.Mish):
+            sp = b.node("Softplus", [x], f"{name}_softplus")
+            return self.set(b.node("Mul", [x, b.node("Tanh", [sp], f"{name}_tanh")], name), n)
         if isinstance(m, nn.Softmax):
             return self.set(b.node("Softmax", [x], name, axis=int(m.dim if m.dim is not None else -1)), n)
         return None
@@ -413,6 +457,124 @@ class Translator:
             t = b.node("Erf", [b.node("Mul", [x, b.const(1.0 / math.sqrt(2.0))], n.name)], n.name)
         one = b.node("Add", [t, b.const(1.0)], n.name)
         return self.set(b.node("Mul", [b.node("Mul", [x, one], n.name), b.const(0.5)], n.name), n)
+
+    def instance_norm(self, n: fx.Node, x: str, m: nn.Module) -> str:
+        b, name = self.b, str(n.target)
+        if m.track_running_stats and m.running_mean is not None:  # eval uses the running statistics
+            c = m.num_features
+            g = m.weight.detach() if m.weight is not None else torch.ones(c)
+            be = m.bias.detach() if m.bias is not None else torch.zeros(c)
+            arrs = [t.to(torch.float32).cpu().numpy() for t in (g, be, m.running_mean, m.running_var)]
+            ins = [x] + [b.init(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), arrs)]
+            return self.set(b.node("BatchNormalization", ins, name, epsilon=float(m.eps)), n)
+        c = self.shape(n)[1]
+        g = m.weight.detach() if m.weight is not None else torch.ones(c)
+        be = m.bias.detach() if m.bias is not None else torch.zeros(c)
+        ins = [x, b.init(f"{name}.weight", g.float().cpu().numpy()),
+               b.init(f"{name}.bias", be.float().cpu().numpy())]
+        return self.set(b.node("InstanceNormalization", ins, name, epsilon=float(m.eps)), n)
+
+    def group_norm(self, n: fx.Node, x: str, groups: int, weight: Any, bias: Any, eps: float) -> str:
+        """GroupNorm as Reshape -> InstanceNormalization over the groups -> Reshape -> affine."""
+        b, name = self.b, n.name
+        shape = self.shape(n)
+        c = shape[1]
+        t = b.node("Reshape", [x, b.const([0, groups, -1], np.int64)], f"{name}_groups",
+                   shape=(shape[0], groups, int(np.prod(shape[1:])) // groups))
+        t = b.node("InstanceNormalization", [t, b.const(np.ones(groups)), b.const(np.zeros(groups))],
+                   f"{name}_norm", epsilon=float(eps), shape=b.shapes[t])
+        y = b.node("Reshape", [t, b.const([0] + list(shape[1:]), np.int64)], f"{name}_back", shape=shape)
+        aff = [1, c] + [1] * (len(shape) - 2)
+        if weight is not None:
+            w = b.init(f"{name}.weight", weight.detach().float().cpu().numpy().reshape(aff))
+            y = b.node("Mul", [y, w], name, shape=shape)
+        if bias is not None:
+            bb = b.init(f"{name}.bias", bias.detach().float().cpu().numpy().reshape(aff))
+            y = b.node("Add", [y, bb], name, shape=shape)
+        return self.set(y, n)
+
+    def pixel_unshuffle(self, n: fx.Node, x: str, r: int) -> str:
+        _, c, h, w = self.shape(n.args[0])
+        t = self.b.node("Reshape", [x, self.b.const([0, c, h // r, r, w // r, r], np.int64)], n.name)
+        t = self.b.node("Transpose", [t], n.name, perm=[0, 1, 3, 5, 2, 4])
+        return self.set(self.b.node("Reshape", [t, self.b.const([0, c * r * r, h // r, w // r], np.int64)],
+                                    n.name), n)
+
+    def resize(self, n: fx.Node, x: str, mode: str, align_corners: bool | None) -> str:
+        ins, out = self.shape(n.args[0]), self.shape(n)
+        scales = [1.0, 1.0] + [o / i for i, o in zip(ins[2:], out[2:])]
+        if mode == "nearest":
+            attrs = dict(mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        elif mode in ("bilinear", "linear", "trilinear"):
+            ctm = "align_corners" if align_corners else "pytorch_half_pixel"
+            attrs = dict(mode="linear", coordinate_transformation_mode=ctm)
+        else:
+            raise self.fail(n, f"interpolation mode {mode!r}")
+        if any(float(o) / i != int(o / i) or o % i for i, o in zip(ins[2:], out[2:])) and mode == "nearest":
+            raise self.fail(n, "nearest upsampling by a non-integer factor")
+        return self.set(self.b.node("Resize", [x, "", self.b.const(scales)], n.name, **attrs), n)
+
+    def pad(self, n: fx.Node, x: str, padding: Any, mode: str, value: float = 0.0) -> str:
+        rank = len(self.shape(n))
+        p = list(padding) if isinstance(padding, (tuple, list)) else [int(padding)] * (2 * (rank - 2))
+        begins, ends = [0] * rank, [0] * rank
+        for i in range(len(p) // 2):  # torch: (last_begin, last_end, second_last_begin, ...)
+            begins[rank - 1 - i], ends[rank - 1 - i] = int(p[2 * i]), int(p[2 * i + 1])
+        onnx_mode = {"constant": "constant", "reflect": "reflect", "replicate": "edge"}[mode]
+        ins = [x, self.b.const(begins + ends, np.int64)]
+        if onnx_mode == "constant":
+            ins.append(self.b.const(value))
+        return self.set(self.b.node("Pad", ins, n.name, mode=onnx_mode), n)
+
+    def index(self, n: fx.Node, x: str, index: Any) -> str:
+        """Tensor indexing with slices, integers and an Ellipsis (``x[:, a:b]``, ``x[..., 0]``)."""
+        idx = index if isinstance(index, tuple) else (index,)
+        rank = len(self.shape(n.args[0]))
+        if any(i is None for i in idx):
+            raise self.fail(n, "indexing with None")
+        n_real = sum(1 for i in idx if i is not Ellipsis)
+        starts, ends, axes, steps, squeeze = [], [], [], [], []
+        dim = 0
+        for i in idx:
+            if i is Ellipsis:
+                dim += rank - n_real
+                continue
+            if isinstance(i, slice):
+                if (i.start, i.stop, i.step) != (None, None, None):
+                    starts.append(0 if i.start is None else int(i.start))
+                    ends.append(2**62 if i.stop is None else int(i.stop))
+                    steps.append(1 if i.step is None else int(i.step))
+                    axes.append(dim)
+            elif isinstance(i, int):
+                starts.append(i)
+                ends.append(i + 1 if i != -1 else 2**62)
+                steps.append(1)
+                axes.append(dim)
+                squeeze.append(dim)
+            else:
+                raise self.fail(n, f"indexing with {type(i).__name__}")
+            dim += 1
+        b = self.b
+        y = x
+        if axes:
+            y = b.node("Slice", [x, b.const(starts, np.int64), b.const(ends, np.int64),
+                                 b.const(axes, np.int64), b.const(steps, np.int64)], n.name)
+        if squeeze:
+            y = b.node("Squeeze", [y, b.const(squeeze, np.int64)], n.name)
+        if y == x:
+            y = b.node("Identity", [x], n.name)
+        return self.set(y, n)
+
+    def split(self, n: fx.Node, x: str, dim: int) -> list[str]:
+        tm = n.meta.get("tensor_meta")
+        shapes = [tuple(int(v) for v in t.shape) for t in tm]
+        dim = int(dim) % len(shapes[0])
+        sizes = [sh[dim] for sh in shapes]
+        outs = self.b.node("Split", [x, self.b.const(sizes, np.int64)], n.name, outputs=len(sizes), axis=dim)
+        outs = outs if isinstance(outs, list) else [outs]
+        for o, sh in zip(outs, shapes):
+            self.b.shapes[o] = sh
+        return outs
 
     def flatten(self, n: fx.Node, x: str, start: int, end: int) -> str:
         rank = len(self.shape(n.args[0]))
@@ -480,7 +642,11 @@ class Translator:
             obj, idx = self.val(n.args[0]), self.val(n.args[1])
             if isinstance(obj, (tuple, list)):
                 return obj[idx]
-            raise self.fail(n, "tensor indexing / slicing")
+            if isinstance(obj, str):
+                return self.index(n, obj, idx)
+            raise self.fail(n, f"indexing {type(obj).__name__}")
+        if f in (operator.floordiv, operator.mod) and not any(isinstance(self.val(a), str) for a in n.args):
+            return f(self.val(n.args[0]), self.val(n.args[1]))
         if f is getattr:
             obj, attr = n.args[0], n.args[1]
             if attr == "shape" and isinstance(obj, fx.Node):
@@ -510,6 +676,26 @@ class Translator:
         if f is F.elu:
             alpha = n.args[1] if len(n.args) > 1 else kw.get("alpha", 1.0)
             return self.set(b.node("Elu", [x], n.name, alpha=float(alpha)), n)
+        if f in (torch.split, torch.chunk):
+            dim = n.args[2] if len(n.args) > 2 else kw.get("dim", 0)
+            return self.split(n, x, dim)
+        if f is F.pad:
+            pad = n.args[1] if len(n.args) > 1 else kw["pad"]
+            mode = n.args[2] if len(n.args) > 2 else kw.get("mode", "constant")
+            value = n.args[3] if len(n.args) > 3 else kw.get("value", None)
+            return self.pad(n, x, pad, mode, float(value or 0.0))
+        if f is F.interpolate:
+            mode = n.args[3] if len(n.args) > 3 else kw.get("mode", "nearest")
+            ac = n.args[4] if len(n.args) > 4 else kw.get("align_corners", None)
+            return self.resize(n, x, mode, ac)
+        if f is torch.transpose:
+            return self.transpose(n, x, n.args[1], n.args[2])
+        if f is F.pixel_unshuffle:
+            return self.pixel_unshuffle(n, x, int(n.args[1] if len(n.args) > 1 else kw["downscale_factor"]))
+        if f is F.hardsigmoid:
+            return self.set(b.node("HardSigmoid", [x], n.name, alpha=1.0 / 6.0, beta=0.5), n)
+        if f is F.softplus and (n.args[1] if len(n.args) > 1 else kw.get("beta", 1.0)) == 1.0:
+            return self.set(b.node("Softplus", [x], n.name), n)
         if f is F.silu:
             return self.silu(n, x)
         if f is F.hardswish:
@@ -550,6 +736,13 @@ class Translator:
             return self.reshape(n, x, list(self.val(n.args[1])))
         raise self.fail(n, getattr(f, "__name__", str(f)))
 
+    def transpose(self, n: fx.Node, x: str, d0: int, d1: int) -> str:
+        rank = len(self.shape(n))
+        perm = list(range(rank))
+        d0, d1 = int(d0) % rank, int(d1) % rank
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+        return self.set(self.b.node("Transpose", [x], n.name, perm=perm), n)
+
     def mean(self, n: fx.Node, x: str, dim: Any, keepdim: bool) -> str:
         rank = len(self.shape(n.args[0]))
         axes = list(range(rank)) if dim is None else [int(d) % rank for d in _tuple(dim, 1)]
@@ -589,6 +782,11 @@ class Translator:
         if meth in ("add", "sub", "mul", "div"):
             op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[meth]
             return self.set(b.node(op, [x, self.tensor(n.args[1])], n.name), n)
+        if meth in ("split", "chunk"):
+            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
+            return self.split(n, x, dim)
+        if meth == "transpose":
+            return self.transpose(n, x, n.args[1], n.args[2])
         if meth == "permute":
             perm = n.args[1:] if len(n.args) > 2 else n.args[1]
             return self.set(b.node("Transpose", [x], n.name, perm=[int(p) for p in perm]), n)
@@ -653,6 +851,8 @@ def translate(gm: fx.GraphModule, example_input: torch.Tensor, style: QuantStyle
     opsets += [helper.make_opsetid(d, v) for d, v in style.domain_opsets.items()]
     model = helper.make_model(graph, opset_imports=opsets, producer_name="prunequant")
     model.ir_version = helper.find_min_ir_version_for([helper.make_opsetid("", style.opset)])
+    if value_info:  # tensors inside composite ops (e.g. SiLU's sigmoid): shapes by ONNX inference
+        model = onnx.shape_inference.infer_shapes(model)
     return model, onnx
 
 

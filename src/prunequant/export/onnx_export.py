@@ -41,6 +41,8 @@ from ._checks import ExportError, check_exportable
 from ._fx2onnx import Builder, QuantStyle, translate
 
 FORMATS = ("qdq", "qonnx")
+#: Producers after which a 4-bit activation uses an 8-bit container (ONNX Runtime 1.32 limitations).
+_NO_4BIT_Q_AFTER = frozenset({"Clip", "MaxPool", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Slice"})
 QONNX_DOMAIN = "qonnx.custom_op.general"
 QDQ_OPSET = 21
 QONNX_OPSET = 13
@@ -85,6 +87,7 @@ class QDQStyle(QuantStyle):
     def __init__(self, int4: bool = True, fold_bn: bool = False):
         self.int4 = int4
         self.fold_bn = fold_bn
+        self.bias_as_add = True
         self.domain_opsets = {}
         self.act_scale: dict[str, float] = {}  # dequantized activation tensor -> its step
 
@@ -93,9 +96,10 @@ class QDQStyle(QuantStyle):
         step_f = np.float32(step.item())
         zp_i = int(zp.item())
         elem, cbits = _container(aq.bits, signed=False, int4=self.int4)
-        if cbits == 4 and (aq.bits < 4 or b.producer_op.get(x) == "Clip"):
-            # ONNX Runtime (1.32) cannot build a session where a Clip feeds a QuantizeLinear with a
-            # 4-bit zero point (its Clip/Q fusion throws on INT4/UINT4): use UINT8 + Clip there.
+        if cbits == 4 and (aq.bits < 4 or b.producer_op.get(x) in _NO_4BIT_Q_AFTER):
+            # ONNX Runtime (1.32) mishandles a 4-bit QuantizeLinear right after these ops (its Clip/Q
+            # fusion throws on INT4/UINT4; its Q/DQ propagation moves the Q before a MaxPool /
+            # Reshape / ..., which have no 4-bit kernels): use UINT8 + a range Clip there.
             elem, cbits = _container(aq.bits, signed=False, int4=False)
         if aq.bits < cbits:
             lo = np.float32(-zp_i) * step_f

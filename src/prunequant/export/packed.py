@@ -151,8 +151,17 @@ def _site_records(gm: fx.GraphModule) -> list[dict[str, Any]]:
     for s in plan.sites:
         m = gm.get_submodule(s.mask)
         keep = (m.mask.detach().cpu() != 0).numpy()
-        rec: dict[str, Any] = {"name": s.name, "channels": int(s.channels), "kept": int(keep.sum())}
-        if not getattr(plan, "shrunk", False):
+        channels = int(s.channels)
+        if getattr(plan, "shrunk", False):
+            kept_idx = getattr(s, "kept", None)  # original indices of the kept channels, if recorded
+            channels = int(getattr(s, "original_channels", 0) or s.channels)
+            keep = np.zeros(channels, dtype=bool)
+            if kept_idx is not None:
+                keep[np.asarray(list(kept_idx), dtype=np.int64)] = True
+            else:
+                keep = None
+        rec: dict[str, Any] = {"name": s.name, "channels": channels, "kept": int(m.kept)}
+        if keep is not None:
             rec["keep_bits"] = np.packbits(keep.astype(np.uint8), bitorder="little").tobytes().hex()
         out.append(rec)
     return out
@@ -424,9 +433,14 @@ def _rebuild(base: nn.Module, record: dict[str, Any]) -> fx.GraphModule:
         for s in plan.sites:
             rec = saved[s.name]
             cm = gm.get_submodule(s.mask)
+            if int(rec.get("channels", s.channels)) != s.channels:
+                raise ExportError(f"load_packed: site {s.name} has {s.channels} channels in the model given, "
+                                  f"{rec['channels']} in the checkpoint; different architecture?")
             if "keep_bits" in rec:
                 bits = np.unpackbits(np.frombuffer(bytes.fromhex(rec["keep_bits"]), np.uint8),
                                      count=s.channels, bitorder="little")
+                if int(bits.sum()) != int(rec["kept"]):
+                    raise PackedFormatError(f"site {s.name}: the kept-channel record is inconsistent")
                 cm.mask.copy_(torch.from_numpy(bits.astype(np.float32)))
             elif shrunk:
                 if not 0 < rec["kept"] <= s.channels:
