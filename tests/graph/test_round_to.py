@@ -70,8 +70,10 @@ def test_compressor_round_to_then_shrink(build, sparsity: float) -> None:
         opt.step()
         comp.step()
     assert comp.pruning_done
-    final = comp.finalize()
+    final = comp.finalize(shrink=False)  # the masked model
     small = shrink(final)
+    default = comp.finalize()  # finalize() shrinks by default
+    assert [s.channels for s in default.pq_plan.sites] == [s.channels for s in small.pq_plan.sites]
     for s in small.pq_plan.sites:
         assert s.channels % 8 == 0 or s.channels == final.pq_plan.site(s.name).channels
     assert any(s.channels < final.pq_plan.site(s.name).channels for s in small.pq_plan.sites)
