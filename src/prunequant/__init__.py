@@ -12,7 +12,20 @@ from .train.compressor import Compressor, Timeline
 
 __version__ = "0.1.0"
 
+_EXPORT = ("export_onnx", "save_packed", "load_packed")
+
+
+def __getattr__(name: str):
+    """``export_onnx`` / ``save_packed`` / ``load_packed`` load lazily (they need the export extra)."""
+    if name in _EXPORT:
+        from . import export
+
+        return getattr(export, name)
+    raise AttributeError(f"module 'prunequant' has no attribute {name!r}")
+
+
 __all__ = [
     "Compressor", "GraphError", "LayerBits", "Measurement", "Plan", "PruneConfig", "QuantConfig",
-    "Recipe", "RecipeError", "Site", "Timeline", "measure", "__version__",
+    "Recipe", "RecipeError", "Site", "Timeline", "export_onnx", "load_packed", "measure", "save_packed",
+    "__version__",
 ]

@@ -365,7 +365,7 @@ def test_finalize_freezes_everything():
                                  "ordering": "joint"}, _example())
     _train(comp, _data(PRUNE["start"] + 2))  # stop while the first layer still collects
     assert not comp.pruning_done
-    model = comp.finalize()
+    model = comp.finalize(shrink=False)  # the masked model, frozen in place
     assert model is comp.model and not model.training
     assert comp.pruning_done
     assert all(bool(m.frozen) and not bool(m.collecting) for m in _masks(comp))
