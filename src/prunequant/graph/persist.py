@@ -19,13 +19,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from ..utils import atomic_write
 from .discover import GraphError, instrument
 from .shrink import shrink
 
@@ -33,20 +33,6 @@ FORMAT = "prunequant-pruned"
 VERSION = 1
 WEIGHTS = "weights.pt"
 RECORD = "pruning.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -74,7 +60,7 @@ def save_pruned(model: fx.GraphModule, path: str | os.PathLike) -> Path:
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
-    _atomic_write(out / WEIGHTS, lambda f: torch.save(state, f))
+    atomic_write(out / WEIGHTS, lambda p: torch.save(state, p))
     record: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
@@ -90,7 +76,7 @@ def save_pruned(model: fx.GraphModule, path: str | os.PathLike) -> Path:
         "sha256": _sha256(out / WEIGHTS),
     }
     text = json.dumps(record, indent=1, sort_keys=True).encode()
-    _atomic_write(out / RECORD, lambda f: f.write(text))
+    atomic_write(out / RECORD, lambda p: p.write_bytes(text))
     return out
 
 
