@@ -60,6 +60,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+EXPORT_FILES = {"qdq": "model.qdq.onnx", "qonnx": "model.qonnx.onnx", "packed": "model.pqpack"}
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``prunequant export RUN_DIR --format qdq|qonnx|packed``: export a finished run's model."""
+    import json
+
+    import torch
+
+    from .graph.persist import load_pruned
+    from .models import build_model
+
+    run_dir = Path(args.run_dir)
+    report = run_dir / "report.json"
+    if not report.is_file():
+        raise RecipeError(f"{run_dir}: no report.json here; pass the --out folder of a finished "
+                          "`prunequant run`")
+    if not (run_dir / "model" / "pruning.json").is_file():
+        raise RecipeError(f"{run_dir}: no model/ folder (the run pruned nothing, or did not finish); "
+                          "export needs a run whose recipe prunes and quantizes")
+    rep = json.loads(report.read_text())
+    cfg = RunConfig.from_dict(rep["config"], where=str(report))
+    c, h, w = rep["data"]["input_shape"]
+    base = build_model(cfg.model.name, num_classes=rep["data"]["num_classes"], in_channels=c, image_size=h,
+                       width=cfg.model.width)
+    x = torch.zeros(1, c, h, w)
+    model = load_pruned(base, run_dir / "model", x).eval()
+    from . import export as ex
+
+    out = Path(args.output) if args.output else run_dir / EXPORT_FILES[args.format]
+    try:
+        if args.format == "packed":
+            path = ex.save_packed(model, out, example_input=x)
+        else:
+            path = ex.export_onnx(model, x, out, format=args.format)
+    except ex.ExportError as e:
+        raise RecipeError(str(e)) from None
+    print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(prog="prunequant", description=__doc__.splitlines()[0])
@@ -72,6 +113,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="override a field, e.g. --set recipe.prune.sparsity=0.75 (repeatable)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+    e = sub.add_parser("export", help="export a finished run's model (ONNX QDQ, QONNX or packed integers)")
+    e.add_argument("run_dir", help="the --out folder of a finished `prunequant run`")
+    e.add_argument("--format", choices=sorted(EXPORT_FILES), default="qdq")
+    e.add_argument("--output", help="destination file (default: RUN_DIR/model.<format>...)")
+    e.set_defaults(func=cmd_export)
     return p
 
 

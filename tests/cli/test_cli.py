@@ -104,3 +104,19 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
     assert "pruned + quantized" in summary and "dense FP32" in summary
     for png in ("channels.png", "accuracy_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Export the finished run in every format; the QDQ file runs in ONNX Runtime.
+    for fmt, name in (("qdq", "model.qdq.onnx"), ("qonnx", "model.qonnx.onnx"), ("packed", "model.pqpack")):
+        e = _run_cli(["export", str(out), "--format", fmt], tmp_path)
+        assert e.returncode == 0, e.stderr
+        assert (out / name).stat().st_size > 0
+    import numpy as np
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / "model.qdq.onnx"), providers=["CPUExecutionProvider"])
+    feed = {sess.get_inputs()[0].name: np.zeros((2, 1, 8, 8), dtype=np.float32)}
+    assert sess.run(None, feed)[0].shape == (2, 10)
+
+
+def test_export_refuses_a_folder_without_a_run(tmp_path: Path) -> None:
+    r = _run_cli(["export", str(tmp_path)], tmp_path)
+    assert r.returncode == 2 and "no report.json" in r.stderr and "Traceback" not in r.stderr
