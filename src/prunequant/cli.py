@@ -33,7 +33,7 @@ def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
 
 def build_config(config: str | None, overrides: list[str]) -> RunConfig:
     """The run configuration: the file (or the embedded default) with ``--set`` overrides applied."""
-    data = load_yaml(config) if config else default_config().model_dump(mode="json")
+    data = load_yaml(config) if config else default_config().to_dict()
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set expects key=value (e.g. recipe.prune.sparsity=0.75), got {item!r}")
@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} -> {out}", flush=True)
     results = run(cfg, out)
-    results = {"config": cfg.model_dump(mode="json"), **results}
+    results = {"config": cfg.to_dict(), **results}
     paths = write_report(results, out)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))

@@ -78,6 +78,19 @@ class RunConfig(_Strict):
         """Load and validate a YAML run configuration."""
         return cls.from_dict(load_yaml(path), where=str(path))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict that validates back to the same configuration.
+
+        Per-layer bit overrides keep only the fields that were set: a field left out inherits the
+        global bits, while an explicit ``null`` means floating point, so it must not be written.
+        """
+        d = self.model_dump(mode="json")
+        q = self.recipe.quant
+        if q is not None:
+            d["recipe"]["quant"]["per_layer"] = {k: v.model_dump(mode="json", exclude_unset=True)
+                                                 for k, v in q.per_layer.items()}
+        return d
+
 
 def default_config() -> RunConfig:
     """The embedded default run (``prunequant run`` with no arguments; ``make demo``).

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from prunequant.cli import build_config, main
-from prunequant.config import default_config
+from prunequant.config import RunConfig, default_config
 
 
 def _run_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
@@ -66,6 +66,17 @@ def test_set_overrides_and_validation() -> None:
     cfg = build_config(None, ["recipe.prune.sparsity=0.75", "model.width=0.5"])
     assert cfg.recipe.prune.sparsity == 0.75 and cfg.model.width == 0.5
     assert main(["run", "--set", "recipe.prune.sparsity=2"]) == 2
+
+
+def test_config_round_trip_keeps_per_layer_inheritance() -> None:
+    """The default's ``conv1: {act_bits: 8}`` must not turn into float weights on a round trip."""
+    cfg = build_config(None, [])
+    assert cfg.recipe.quant.per_layer["conv1"].model_dump(exclude_unset=True) == {"act_bits": 8}
+    again = RunConfig.from_dict(cfg.to_dict())
+    assert again.recipe.quant.per_layer["conv1"].model_dump(exclude_unset=True) == {"act_bits": 8}
+    explicit = RunConfig.from_dict({"recipe": {"quant": {"per_layer": {"fc": {"weight_bits": None}}}}})
+    assert RunConfig.from_dict(explicit.to_dict()).recipe.quant.per_layer["fc"].model_dump(
+        exclude_unset=True) == {"weight_bits": None}
 
 
 def test_default_config_is_the_documented_one() -> None:
