@@ -19,7 +19,6 @@ their running statistics, and quantizer statistics. :meth:`Compressor.load_state
 from __future__ import annotations
 
 import fnmatch
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -281,8 +280,3 @@ def _reduced_mean(m: ChannelMask) -> Tensor:
     both = torch.cat([m.stat_sum, m.stat_count.reshape(1)])
     dist.all_reduce(both)
     return both[:-1] / both[-1].clamp(min=1)
-
-
-def steps_for(epochs: float, steps_per_epoch: int) -> int:
-    """Whole number of steps in ``epochs``."""
-    return int(math.ceil(epochs * steps_per_epoch))
