@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import operator
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
@@ -105,7 +106,7 @@ class Builder:
         return outs if outputs > 1 else outs[0]
 
 
-class QuantStyle:
+class QuantStyle(ABC):
     """How quantizers become ONNX nodes (implemented by the QDQ and QONNX styles)."""
 
     opset: int
@@ -116,17 +117,19 @@ class QuantStyle:
     def folded_weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str,
                       g: np.ndarray) -> tuple[str, np.ndarray]:
         """Weight times the per-output-channel factor ``g`` (BN folding): ``(name, scales)``."""
-        raise NotImplementedError
+        raise ExportError(f"{name}: fold_bn is only supported for format='qdq'")
 
     def bias(self, b: Builder, x: str, bias: np.ndarray, w_scale: np.ndarray, name: str) -> str:
         """A conv bias (float32 by default)."""
         return b.init(f"{name}.bias", bias.astype(np.float32))
 
+    @abstractmethod
     def act(self, b: Builder, x: str, aq: ActQuantizer, name: str, shape: tuple[int, ...]) -> str:
-        raise NotImplementedError
+        """The ONNX nodes of an activation quantizer on tensor ``x``; returns the output name."""
 
+    @abstractmethod
     def weight(self, b: Builder, module: nn.Module, wq: WeightQuantizer, name: str) -> str:
-        raise NotImplementedError
+        """The ONNX initializer(s) / nodes of a quantized weight; returns the tensor name."""
 
 
 def _float_weight(b: Builder, module: nn.Module, name: str) -> str:
