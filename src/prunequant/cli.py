@@ -92,12 +92,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else run_dir / EXPORT_FILES[args.format]
     try:
         if args.format == "packed":
-            path = ex.save_packed(model, out, example_input=x)
+            path = ex.save_packed(model, out, example_input=x, fold_bn=args.fold_bn)
+        elif args.fold_bn:
+            path = ex.export_onnx(model, x, out, format=args.format, fold_bn=True)
         else:
             path = ex.export_onnx(model, x, out, format=args.format)
     except ex.ExportError as e:
         raise RecipeError(str(e)) from None
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if args.format == "packed":
+        from .metrics.measure import measure
+
+        weight_bytes = measure(model, x).weight_mbit * 1e6 / 8
+        rep = ex.packed_size_report(path)
+        print(f"weight memory (measure): {weight_bytes:,.0f} bytes; file overhead beyond it: "
+              f"{100 * (rep['total'] - weight_bytes) / weight_bytes:.1f} % (scales {rep['weight_scales']:,}, "
+              f"activation parameters {rep['activation_params']:,}, other tensors {rep['other_tensors']:,}, "
+              f"record {rep['record']:,}, header {rep['header']} bytes)")
     return 0
 
 
@@ -117,6 +128,9 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir", help="the --out folder of a finished `prunequant run`")
     e.add_argument("--format", choices=sorted(EXPORT_FILES), default="qdq")
     e.add_argument("--output", help="destination file (default: RUN_DIR/model.<format>...)")
+    e.add_argument("--fold-bn", action="store_true",
+                   help="fold each BatchNorm into the conv before it (packed: 2 numbers per channel instead "
+                        "of 5; qdq: integer-kernel form); see docs/export.md")
     e.set_defaults(func=cmd_export)
     return p
 

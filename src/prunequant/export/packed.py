@@ -4,28 +4,32 @@ File layout (all integers little-endian)::
 
     offset  size  field
     0       8     magic  b"PQPACK\\r\\n"
-    8       2     format version (1)
+    8       2     format version (2; version 1 files are still read)
     10      2     flags (0, reserved)
     12      4     CRC-32 of everything after the header (record + data)
     16      8     length R of the record (zlib-compressed UTF-8 JSON)
     24      8     length D of the data section
     32      R     record
-    32+R    D     data: the tensors listed in the record, back to back in that order, no padding
+    32+R    D     data: the stored tensors back to back, in the model's state-dict order, no padding
 
-The 32-byte header is the fixed overhead (:data:`HEADER_BYTES`). The record holds the model class,
-the ``instrument()`` options, the pruning record (per site: original channels, kept channels and,
-for a masked model, which ones), whether the model was shrunk, every 0-d buffer (flags, counters)
-and, for each stored tensor, its state-dict key, kind, dtype and shape (offsets and lengths follow).
+The 32-byte header is the fixed overhead (:data:`HEADER_BYTES`). The record (a few hundred bytes
+compressed) holds the model class, the ``instrument()`` options, a hash of the pruning plan's
+structure, the pruning record (per site: original and kept channels and, for a masked model,
+which ones), whether the model was shrunk, the folded BatchNorms, every quantizer's bit-width, the
+values of all 0-d buffers, a hash of the state-dict keys and a layout string with one character
+per state-dict entry saying what is stored for it (see ``_KIND_CHARS``). Shapes and dtypes are not
+stored: they follow from the rebuilt model, which the hashes check.
 
-Tensor kinds in the data section:
+What is stored per entry:
 
-* ``packed``: a quantized weight, stored as its integer codes ``q`` in exactly ``bits`` bits each
-  (offset binary ``q - qmin``, least significant bit first, ``numpy.packbits(bitorder="little")``),
-  one byte-aligned run per layer; the layer's quantization scales follow as ``wscale`` (float32,
-  one per output channel, or one per tensor);
-* ``abounds``: an activation quantizer's running-mean bounds ``(lb, ub)`` as two float64;
-* ``raw``: any other tensor (biases, norm parameters and statistics, float layers' weights), in
-  its own dtype (float32 normally).
+* a quantized weight: its integer codes ``q`` in exactly ``bits`` bits each (offset binary
+  ``q - qmin``, least significant bit first, ``numpy.packbits(bitorder="little")``), one
+  byte-aligned run per layer, then its scales as float32 (one per output channel or per tensor);
+* an activation quantizer: its running-mean bounds ``(lb, ub)`` as two float64;
+* a folded BatchNorm (``save_packed(..., fold_bn=True)``, :mod:`prunequant.export.fold`): one sign
+  bit per channel and the folded bias as float32; its mean, variance and ``eps`` are 0, 1 and 0;
+* any other tensor (biases, norm parameters and statistics, float layers' weights): raw, in its
+  own dtype.
 
 Not stored: mask importance statistics (``ChannelMask.stat_sum``), which inference never reads.
 
@@ -38,6 +42,7 @@ so that its scale is the stored float32 value, which makes the outputs bit-ident
 from __future__ import annotations
 
 import copy
+import hashlib
 import io
 import json
 import struct
@@ -58,7 +63,9 @@ from ..utils import atomic_write
 from ._checks import ExportError, check_exportable, shrink_available
 
 MAGIC = b"PQPACK\r\n"
-VERSION = 1
+VERSION = 2
+#: Versions load_packed reads.
+READABLE_VERSIONS = (1, 2)
 HEADER = struct.Struct("<8sHHIQQ")
 #: Fixed size of the binary header in bytes (the only model-independent overhead).
 HEADER_BYTES = HEADER.size  # 32
@@ -76,7 +83,7 @@ _DTYPES: dict[str, tuple[torch.dtype, np.dtype]] = {
     "bool": (torch.bool, np.dtype("u1")),
 }
 _BY_TORCH = {t: k for k, (t, _) in _DTYPES.items()}
-_KINDS = ("packed", "wscale", "abounds", "raw")
+_KINDS = ("packed", "wscale", "abounds", "raw", "sign")
 
 
 class PackedFormatError(ExportError):
@@ -205,13 +212,27 @@ def _needs_shapes(plan: Any) -> bool:
     return False
 
 
-def _records_and_entries(gm: fx.GraphModule) -> tuple[dict[str, Any], list[_Entry]]:
+def _sha(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+
+# One character per state-dict entry (v2 layout): what is stored for it, in state-dict order.
+#   P packed weight codes (bits from the quantizer)  S its weight scale (float32)
+#   A activation bounds (2 x float64)  R raw tensor in its own dtype
+#   0 a 0-d buffer (value in the record's scalar list)  G signs of a folded BatchNorm (1 bit each)
+#   B a folded BatchNorm's bias (float32)  Z zeros (not stored)  - not stored (derived / unused)
+_KIND_CHARS = "PSAR0GBZ-"
+
+
+def _layout(gm: fx.GraphModule) -> tuple[str, list[Any], list[_Entry], list[int]]:
+    """``(kinds, scalars, entries, quantizer bits)`` of the v2 layout for an instrumented model."""
     state = gm.state_dict()
-    handled: set[str] = set()
-    entries: list[_Entry] = []
-    scalars: dict[str, Any] = {}
-    overrides: list[str] = []
     modules = dict(gm.named_modules())
+    folded = list(getattr(gm, "pq_folded", []) or [])
+    conv_of = {bn: conv for conv, bn in _folded_pairs(gm, folded)}
+    kind: dict[str, str] = {}
+    entries: list[_Entry] = []
+    blobs: dict[str, _Entry | list[_Entry]] = {}
     for name, m in modules.items():
         prefix = f"{name}." if name else ""
         if isinstance(m, LAYER_TYPES):
@@ -222,51 +243,89 @@ def _records_and_entries(gm: fx.GraphModule) -> tuple[dict[str, Any], list[_Entr
             w = m.parametrizations["weight"].original.detach().to(torch.float32).cpu()
             codes = wq.int_codes(w).numpy()
             scale = wq.scale(w).cpu().numpy().astype("<f4")
-            entries.append(_Entry(f"{pw}.original", "packed", f"int{wq.bits}", list(codes.shape),
-                                  pack_codes(codes, wq.bits, wq.qmin), wq.bits, wq.qmin))
-            entries.append(_Entry(f"{pw}.0.stat_sum", "wscale", "float32", list(scale.shape),
-                                  scale.tobytes()))
-            handled.update({f"{pw}.original", f"{pw}.0.stat_sum", f"{pw}.0.stat_count"})
-            overrides.append(f"{pw}.0")
+            blobs[f"{pw}.original"] = _Entry(f"{pw}.original", "packed", f"int{wq.bits}", list(codes.shape),
+                                             pack_codes(codes, wq.bits, wq.qmin), wq.bits, wq.qmin)
+            blobs[f"{pw}.0.stat_sum"] = _Entry(f"{pw}.0.stat_sum", "wscale", "float32", list(scale.shape),
+                                               scale.tobytes())
+            kind.update({f"{pw}.original": "P", f"{pw}.0.stat_sum": "S", f"{pw}.0.stat_count": "-"})
+            if name in conv_of.values() and m.bias is not None:
+                kind[f"{prefix}bias"] = "Z"
         elif isinstance(m, ActQuantizer) and float(m.stat_count) > 0:
-            lb = float(m.min_sum / m.stat_count)
-            ub = float(m.max_sum / m.stat_count)
-            entries.append(_Entry(f"{prefix}min_sum", "abounds", "float64", [2],
-                                  np.array([lb, ub], dtype="<f8").tobytes()))
-            handled.update({f"{prefix}min_sum", f"{prefix}max_sum", f"{prefix}stat_count"})
-            overrides.append(name)
+            lb, ub = float(m.min_sum / m.stat_count), float(m.max_sum / m.stat_count)
+            blobs[f"{prefix}min_sum"] = _Entry(f"{prefix}min_sum", "abounds", "float64", [2],
+                                               np.array([lb, ub], dtype="<f8").tobytes())
+            kind.update({f"{prefix}min_sum": "A", f"{prefix}max_sum": "-", f"{prefix}stat_count": "-"})
         elif isinstance(m, ChannelMask):
-            handled.update({f"{prefix}mask", f"{prefix}stat_sum"})  # mask: in the site record
-    quant: dict[str, Any] = {}
-    for name, m in modules.items():
-        if isinstance(m, WeightQuantizer):
-            quant[name] = {"bits": m.bits, "power_of_two": m.power_of_two, "axis": m.axis,
-                           "per_channel": m.per_channel}
-        elif isinstance(m, ActQuantizer):
-            quant[name] = {"bits": m.bits}
+            kind.update({f"{prefix}mask": "-", f"{prefix}stat_sum": "-"})  # mask: in the site record
+        elif name in folded:
+            sign = (m.weight.detach().cpu() < 0).numpy().astype(np.uint8)
+            bias = m.bias.detach().cpu().numpy().astype("<f4")
+            blobs[f"{prefix}weight"] = _Entry(f"{prefix}weight", "sign", "bool", [int(sign.size)],
+                                              np.packbits(sign, bitorder="little").tobytes())
+            blobs[f"{prefix}bias"] = _Entry(f"{prefix}bias", "raw", "float32", list(bias.shape),
+                                            bias.tobytes())
+            kind.update({f"{prefix}weight": "G", f"{prefix}bias": "B", f"{prefix}running_mean": "-",
+                         f"{prefix}running_var": "-"})
+    kinds, scalars = [], []
     for key, t in state.items():
-        if key in handled:
-            continue
-        if t.dim() == 0:
-            scalars[key] = _scalar(t)
-        else:
+        k = kind.get(key)
+        if k is None:
+            k = "0" if t.dim() == 0 else "R"
+        kinds.append(k)
+        if k == "0":
+            v = t.item()
+            scalars.append(bool(v) if t.dtype == torch.bool else v)
+        elif k == "R":
             entries.append(_raw_entry(key, t))
+        elif k in "PSAGB":
+            entries.append(blobs[key])  # type: ignore[arg-type]
+    bits = [int(m.bits) for m in modules.values() if isinstance(m, (WeightQuantizer, ActQuantizer))]
+    return "".join(kinds), scalars, entries, bits
+
+
+def _folded_pairs(gm: fx.GraphModule, folded: list[str]) -> list[tuple[str, str]]:
+    """``(conv, bn)`` for each folded BatchNorm: the conv node whose only user it is."""
+    pairs = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target) in folded and n.args and isinstance(n.args[0], fx.Node):
+            src = n.args[0]
+            if src.op == "call_module":
+                pairs.append((str(src.target), str(n.target)))
+    if len(pairs) != len(folded):
+        raise ExportError("save_packed: a folded BatchNorm no longer follows its conv in this graph")
+    return pairs
+
+
+def _record(gm: fx.GraphModule) -> tuple[dict[str, Any], list[_Entry]]:
+    kinds, scalars, entries, bits = _layout(gm)
+    state_keys = list(gm.state_dict().keys())
     plan = gm.pq_plan
     record = {
         "format": "prunequant-packed",
         "version": VERSION,
         "model_class": getattr(gm, "pq_original_class", type(gm).__name__),
         "options": _options(gm),
-        "plan": _signature(plan),
+        "plan_sha": _sha(_signature(plan)),
         "shrunk": bool(getattr(plan, "shrunk", False)),
-        "sites": _site_records(gm),
+        "sites": [[r["channels"], r["kept"], r.get("keep_bits")] for r in _site_records(gm)],
         "rewrites": {k: list(v.sizes) for k, v in (getattr(plan, "rewrites", {}) or {}).items()},
-        "has_pq_step": "pq_step" in state,
+        "has_pq_step": "pq_step" in state_keys,
+        "folded": list(getattr(gm, "pq_folded", []) or []),
+        "keys_sha": _sha(state_keys),
+        "kinds": kinds,
         "scalars": scalars,
-        "stats_from_record": overrides,
-        "quantizers": quant,
+        "bits": bits,
+        "power_of_two": sorted(n for n, m in gm.named_modules()
+                               if isinstance(m, WeightQuantizer) and m.power_of_two),
     }
     return record, entries
+
+
+def _entry_table(t: _Entry) -> dict[str, Any]:
+    d: dict[str, Any] = {"key": t.key, "kind": t.kind, "dtype": t.dtype, "shape": t.shape}
+    if t.bits is not None:
+        d.update(bits=t.bits, qmin=t.qmin)
+    return d
 
 
 def _jsonable(obj: Any) -> Any:
@@ -277,13 +336,22 @@ def _jsonable(obj: Any) -> Any:
 
 
 def encode_packed(model: nn.Module, *, allow_masked: bool = False,
-                  example_input: torch.Tensor | None = None) -> bytes:
+                  example_input: torch.Tensor | None = None, fold_bn: bool = False) -> bytes:
     """The bytes :func:`save_packed` writes."""
     check_exportable(model, allow_masked=allow_masked, what="save_packed")
     if not isinstance(model, fx.GraphModule) or getattr(model, "pq_plan", None) is None:
         raise ExportError("save_packed needs a model instrumented by prunequant (Compressor.model or the "
                           "model Compressor.finalize() returns, optionally shrunk)")
-    record, entries = _records_and_entries(model)
+    if fold_bn:
+        from .fold import fold_batchnorm
+
+        model = fold_batchnorm(model)
+    record, entries = _record(model)
+    sizes = {"packed_weights": 0, "weight_scales": 0, "activation_params": 0, "other_tensors": 0}
+    kind_to = {"packed": "packed_weights", "wscale": "weight_scales", "abounds": "activation_params"}
+    for e in entries:
+        sizes[kind_to.get(e.kind, "other_tensors")] += len(e.data)
+    record["sizes"] = sizes
     if example_input is not None:
         record["example_input_shape"] = [int(s) for s in example_input.shape]
     elif _needs_shapes(model.pq_plan):
@@ -292,16 +360,10 @@ def encode_packed(model: nn.Module, *, allow_masked: bool = False,
                           "example_input=<a batch shaped like the model's input> (the one given to the "
                           "Compressor)")
     data = io.BytesIO()
-    table = []
-    for e in entries:  # offsets and lengths follow from the order, dtypes and shapes
-        d: dict[str, Any] = {"key": e.key, "kind": e.kind, "dtype": e.dtype, "shape": e.shape}
-        if e.bits is not None:
-            d.update(bits=e.bits, qmin=e.qmin)
-        if _nbytes(d) != len(e.data):  # pragma: no cover - internal consistency
-            raise AssertionError(f"{e.key}: {len(e.data)} bytes, table says {_nbytes(d)}")
-        table.append(d)
+    for e in entries:
+        if _nbytes(_entry_table(e)) != len(e.data):  # pragma: no cover - internal consistency
+            raise AssertionError(f"{e.key}: {len(e.data)} bytes, table says {_nbytes(_entry_table(e))}")
         data.write(e.data)
-    record["tensors"] = table
     rec = zlib.compress(json.dumps(record, separators=(",", ":")).encode("utf-8"), 9)
     body = rec + data.getvalue()
     header = HEADER.pack(MAGIC, VERSION, 0, zlib.crc32(body) & 0xFFFFFFFF, len(rec), len(data.getvalue()))
@@ -309,7 +371,7 @@ def encode_packed(model: nn.Module, *, allow_masked: bool = False,
 
 
 def save_packed(model: nn.Module, path: str | Path, *, allow_masked: bool = False,
-                example_input: torch.Tensor | None = None) -> Path:
+                example_input: torch.Tensor | None = None, fold_bn: bool = False) -> Path:
     """Write ``model`` (quantized, finalized, shrunk) as a packed integer checkpoint; atomic.
 
     Args:
@@ -320,8 +382,13 @@ def save_packed(model: nn.Module, path: str | Path, *, allow_masked: bool = Fals
             is larger than the pruned weight memory).
         example_input: needed only if the model was instrumented with an example input (models
             whose sites go through concatenations / splits); its shape is recorded for loading.
+        fold_bn: store the deployment form: each BatchNorm after a per-channel quantized conv folded
+            into the conv's scale and a bias (:func:`prunequant.export.fold_batchnorm`): 2 float32
+            numbers and a sign bit per channel instead of 5 float32 numbers. Reloading is then
+            bit-identical to ``fold_batchnorm(model)``, which equals ``model`` up to the folding's
+            float rounding (docs/export.md).
     """
-    blob = encode_packed(model, allow_masked=allow_masked, example_input=example_input)
+    blob = encode_packed(model, allow_masked=allow_masked, example_input=example_input, fold_bn=fold_bn)
     return atomic_write(path, lambda p: p.write_bytes(blob))
 
 
@@ -334,9 +401,9 @@ def read_packed(path_or_bytes: str | Path | bytes) -> tuple[dict[str, Any], memo
     magic, version, _flags, crc, rlen, dlen = HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise PackedFormatError("not a prunequant packed checkpoint (bad magic bytes)")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise PackedFormatError(f"packed checkpoint version {version} is not supported (this prunequant "
-                                f"reads version {VERSION})")
+                                f"reads versions {', '.join(map(str, READABLE_VERSIONS))})")
     if HEADER_BYTES + rlen + dlen != len(blob):
         raise PackedFormatError(f"packed checkpoint is truncated or has trailing bytes ({len(blob)} bytes, "
                                 f"header says {HEADER_BYTES + rlen + dlen})")
@@ -350,6 +417,20 @@ def read_packed(path_or_bytes: str | Path | bytes) -> tuple[dict[str, Any], memo
     if not isinstance(record, dict) or record.get("format") != "prunequant-packed":
         raise PackedFormatError("packed checkpoint record is not a prunequant record")
     data = body[rlen:]
+    if record.get("version") != version:
+        raise PackedFormatError("packed checkpoint header and record disagree on the version")
+    if version >= 2:  # tensor shapes follow from the rebuilt model; the record sums the bytes
+        try:
+            total = sum(int(v) for v in record["sizes"].values())
+            ok = isinstance(record["kinds"], str) and set(record["kinds"]) <= set(_KIND_CHARS)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise PackedFormatError(f"packed checkpoint record is malformed ({e!r})") from e
+        if not ok:
+            raise PackedFormatError("packed checkpoint record has an invalid layout string")
+        if total != len(data):
+            raise PackedFormatError(f"packed checkpoint data section has {len(data)} bytes, the record "
+                                    f"describes {total}")
+        return record, data
     offset = 0
     try:
         for t in record["tensors"]:
@@ -375,6 +456,8 @@ def _nbytes(t: dict[str, Any]) -> int:
     n = int(np.prod(t["shape"])) if t["shape"] else 1
     if t["kind"] == "packed":
         return packed_nbytes(n, int(t["bits"]))
+    if t["kind"] == "sign":
+        return (n + 7) // 8
     return n * _DTYPES[t["dtype"]][1].itemsize
 
 
@@ -384,6 +467,9 @@ def _tensor(t: dict[str, Any], data: memoryview) -> torch.Tensor:
     n = int(np.prod(shape)) if shape else 1
     if t["kind"] == "packed":
         return torch.from_numpy(unpack_codes(buf, n, int(t["bits"]), int(t["qmin"])).reshape(shape))
+    if t["kind"] == "sign":
+        bits = np.unpackbits(np.frombuffer(buf, dtype=np.uint8), count=n, bitorder="little")
+        return torch.from_numpy(bits.astype(bool).reshape(shape))
     tdt, ndt = _DTYPES[t["dtype"]]
     if n * ndt.itemsize != len(buf):
         raise PackedFormatError(f"tensor {t['key']}: {len(buf)} bytes for shape {shape} {t['dtype']}")
@@ -421,8 +507,17 @@ def _rebuild(base: nn.Module, record: dict[str, Any]) -> fx.GraphModule:
                           f"({e})") from e
     if record.get("has_pq_step"):
         gm.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
-    saved = {s["name"]: s for s in record.get("sites", [])}
     sig = _signature(plan)
+    if int(record.get("version", 1)) >= 2:
+        sites = record.get("sites", [])
+        if _sha(sig) != record.get("plan_sha") or len(sites) != len(plan.sites):
+            raise ExportError("load_packed: the model given is not the architecture that was saved (its "
+                              "layers or prunable sites differ). Pass a model built with the same "
+                              "constructor arguments as the one that was compressed")
+        saved = {s.name: {"channels": c, "kept": k, **({"keep_bits": kb} if kb else {})}
+                 for s, (c, k, kb) in zip(plan.sites, sites, strict=True)}
+    else:
+        saved = {s["name"]: s for s in record.get("sites", [])}
     if sig != record.get("plan", sig) or sorted(s.name for s in plan.sites) != sorted(saved):
         diff = sorted(set(sig["layers"]) ^ set(record.get("plan", sig)["layers"]))[:5]
         raise ExportError("load_packed: the model given is not the architecture that was saved (its layers "
@@ -488,6 +583,114 @@ def load_packed(path: str | Path, model: nn.Module | Callable[[], nn.Module],
     if want and type(base).__name__ != want:
         raise ExportError(f"load_packed: the checkpoint holds a {want}, got a {type(base).__name__}")
     gm = _rebuild(base, record)
+    if int(record.get("version", 1)) >= 2:
+        _fill_v2(gm, record, data)
+    else:
+        _fill_v1(gm, record, data)
+    gm.eval()
+    return gm.to(map_location)
+
+
+def _fill_v2(gm: fx.GraphModule, record: dict[str, Any], data: memoryview) -> None:
+    """Set every tensor of the rebuilt model from a version-2 record and data section."""
+    modules = dict(gm.named_modules())
+    quants = [(n, m) for n, m in modules.items() if isinstance(m, (WeightQuantizer, ActQuantizer))]
+    bits = record.get("bits", [])
+    if len(bits) != len(quants):
+        raise ExportError("load_packed: the rebuilt model has a different number of quantizers than the "
+                          "saved one; different architecture or options?")
+    p2 = set(record.get("power_of_two", []))
+    for (name, m), b in zip(quants, bits, strict=True):  # bit-widths as saved (may differ from the recipe)
+        m.bits = int(b)
+        if isinstance(m, WeightQuantizer):
+            m.power_of_two = name in p2
+    folded = list(record.get("folded") or [])
+    for name in folded:
+        bn = modules.get(name)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            raise ExportError(f"load_packed: folded BatchNorm {name} is not a BatchNorm in the rebuilt model")
+        bn.eps = 0.0
+    gm.pq_folded = folded
+    state = gm.state_dict()
+    keys = list(state.keys())
+    kinds = record["kinds"]
+    if _sha(keys) != record.get("keys_sha") or len(kinds) != len(keys):
+        raise ExportError("load_packed: the rebuilt model's tensors differ from the saved one's; different "
+                          "architecture or options?")
+    scalars = list(record.get("scalars", []))
+    new: dict[str, torch.Tensor] = {}
+    offset = 0
+    si = 0
+
+    def take(t: dict[str, Any]) -> torch.Tensor:
+        nonlocal offset
+        t["offset"], t["nbytes"] = offset, _nbytes(t)
+        if offset + t["nbytes"] > len(data):
+            raise PackedFormatError(f"packed checkpoint data ends inside {t['key']}")
+        offset += t["nbytes"]
+        return _tensor(t, data)
+
+    pending_w: dict[str, torch.Tensor] = {}
+    for key, k in zip(keys, kinds, strict=True):
+        ref = state[key]
+        shape = list(ref.shape)
+        if k == "0":
+            if si >= len(scalars) or ref.dim() != 0:
+                raise PackedFormatError(f"packed checkpoint scalar list does not match {key}")
+            new[key] = torch.tensor(scalars[si], dtype=ref.dtype)
+            si += 1
+        elif k == "R":
+            dt = _BY_TORCH.get(ref.dtype)
+            if dt is None:
+                raise ExportError(f"load_packed: {key} has dtype {ref.dtype}, which the format cannot store")
+            new[key] = take({"key": key, "kind": "raw", "dtype": dt, "shape": shape})
+        elif k == "P":
+            wq = _weight_quantizer_of(modules, key)
+            pending_w[key] = take({"key": key, "kind": "packed", "dtype": f"int{wq.bits}", "shape": shape,
+                                   "bits": wq.bits, "qmin": wq.qmin})
+        elif k == "S":
+            wkey = key.rsplit(".0.stat_sum", 1)[0] + ".original"
+            sc = take({"key": key, "kind": "wscale", "dtype": "float32", "shape": shape})
+            wq = modules[key.rsplit(".stat_sum", 1)[0]]
+            codes = pending_w.pop(wkey)
+            new[wkey] = codes.to(torch.float32) * wq._broadcast(sc, codes)
+            new[key] = sc.to(torch.float64)
+            new[key.rsplit(".stat_sum", 1)[0] + ".stat_count"] = torch.ones((), dtype=torch.float64)
+        elif k == "A":
+            lb, ub = take({"key": key, "kind": "abounds", "dtype": "float64", "shape": [2]}).tolist()
+            prefix = key.rsplit("min_sum", 1)[0]
+            new[key] = torch.tensor(lb, dtype=torch.float64)
+            new[f"{prefix}max_sum"] = torch.tensor(ub, dtype=torch.float64)
+            new[f"{prefix}stat_count"] = torch.ones((), dtype=torch.float64)
+        elif k == "G":
+            signs = take({"key": key, "kind": "sign", "dtype": "bool", "shape": shape})
+            new[key] = 1.0 - 2.0 * signs.to(ref.dtype)
+            prefix = key.rsplit("weight", 1)[0]
+            new[f"{prefix}running_mean"] = torch.zeros_like(state[f"{prefix}running_mean"])
+            new[f"{prefix}running_var"] = torch.ones_like(state[f"{prefix}running_var"])
+        elif k == "B":
+            new[key] = take({"key": key, "kind": "raw", "dtype": "float32", "shape": shape}).to(ref.dtype)
+        elif k == "Z":
+            new[key] = torch.zeros_like(ref)
+    if pending_w:
+        raise PackedFormatError(f"packed checkpoint has weights without scales: {sorted(pending_w)[:3]}")
+    if si != len(scalars) or offset != len(data):
+        raise PackedFormatError("packed checkpoint layout does not use the whole record and data section")
+    for key, v in state.items():
+        if key not in new:
+            new[key] = v  # not stored: mask statistics (and nothing else)
+    gm.load_state_dict(new, strict=True)
+
+
+def _weight_quantizer_of(modules: dict[str, nn.Module], key: str) -> WeightQuantizer:
+    wq = modules.get(key.rsplit(".original", 1)[0] + ".0")
+    if not isinstance(wq, WeightQuantizer):
+        raise ExportError(f"load_packed: {key} has no weight quantizer in the rebuilt model")
+    return wq
+
+
+def _fill_v1(gm: fx.GraphModule, record: dict[str, Any], data: memoryview) -> None:
+    """Set every tensor of the rebuilt model from a version-1 record (a tensor table)."""
     modules = dict(gm.named_modules())
     saved_q = record.get("quantizers", {})
     have_q = {n for n, m in modules.items() if isinstance(m, (WeightQuantizer, ActQuantizer))}
@@ -542,8 +745,8 @@ def load_packed(path: str | Path, model: nn.Module | Callable[[], nn.Module],
         if key not in new:
             new[key] = v  # not stored: mask statistics (and nothing else)
     gm.load_state_dict(new, strict=True)
-    gm.eval()
-    return gm.to(map_location)
+
+
 
 
 def packed_size_report(path_or_bytes: str | Path | bytes) -> dict[str, int]:
@@ -554,8 +757,11 @@ def packed_size_report(path_or_bytes: str | Path | bytes) -> dict[str, int]:
            "weight_scales": 0, "activation_params": 0, "other_tensors": 0}
     kind_to = {"packed": "packed_weights", "wscale": "weight_scales", "abounds": "activation_params",
                "raw": "other_tensors"}
-    for t in record["tensors"]:
-        rep[kind_to[t["kind"]]] += int(t["nbytes"])
+    if "sizes" in record:
+        rep.update({k: int(v) for k, v in record["sizes"].items()})
+    else:
+        for t in record["tensors"]:
+            rep[kind_to[t["kind"]]] += int(t["nbytes"])
     rep["total"] = len(blob)
     return rep
 
