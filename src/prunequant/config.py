@@ -50,6 +50,16 @@ class TrainConfig(_Strict):
     epochs: float = Field(3.0, gt=0.0, le=10000, description="compression phase (pruning + QAT)")
     lr: float = Field(0.1, gt=0.0, le=10.0, description="dense phase learning rate")
     compress_lr: float = Field(0.02, gt=0.0, le=10.0, description="compression phase learning rate")
+    qat_lr: float | None = Field(
+        None, gt=0.0, le=10.0,
+        description="restart the learning rate schedule at this value when quantization begins "
+                    "(prune_then_quantize only; the paper fine-tunes the pruned model anew for QAT). "
+                    "None: one schedule over the whole compression phase")
+    distill: float = Field(
+        0.0, ge=0.0, le=1.0,
+        description="weight of a distillation loss from the dense model during compression "
+                    "(0 = plain cross-entropy, the paper's setting)")
+    distill_temperature: float = Field(4.0, gt=0.0, le=100.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     scheduler: Literal["cosine", "constant"] = "cosine"

@@ -115,3 +115,31 @@ def test_quantizers_are_enabled_and_frozen_after_run(tmp_path: Path) -> None:
     final(x)
     assert all(torch.equal(a.stat_count, b) for a, b in zip(aqs, before))
     assert all(bool(weight_quantizer(final.get_submodule(n)).enabled) for n in comp.plan.layers)
+
+
+def test_qat_lr_restarts_the_schedule_when_quantization_begins() -> None:
+    from prunequant.train.trainer import compress_lr_schedule
+
+    one = compress_lr_schedule(_cfg(), 100, 40)
+    assert one(0) == pytest.approx(0.02) and one(99) < 0.001  # one cosine over all steps
+    assert one(40) == pytest.approx(0.5 * 0.02 * (1 + torch.cos(torch.tensor(0.4 * torch.pi)).item()))
+    two = compress_lr_schedule(_cfg(qat_lr=0.005), 100, 40)
+    assert two(0) == pytest.approx(0.02) and two(39) < 0.0002  # the pruning segment decays to ~0
+    assert two(40) == pytest.approx(0.005)  # restart at qat_lr
+    assert two(70) == pytest.approx(0.0025) and two(99) < 0.0001
+    # quantization from step 0 (joint orderings) or never: one schedule
+    assert compress_lr_schedule(_cfg(qat_lr=0.005), 100, 0)(0) == pytest.approx(0.02)
+    assert compress_lr_schedule(_cfg(qat_lr=0.005), 100, None)(50) == pytest.approx(0.01)
+
+
+def test_distillation_changes_training(tmp_path: Path) -> None:
+    run(_cfg(), tmp_path / "dense")
+    ckpt = str(tmp_path / "dense" / "dense.pt")
+    base = run(_cfg(dense_checkpoint=ckpt), tmp_path / "ce")
+    kd = run(_cfg(dense_checkpoint=ckpt, distill=0.7, distill_temperature=2.0), tmp_path / "kd")
+    assert kd["phases"]["dense"]["accuracy"] == pytest.approx(base["phases"]["dense"]["accuracy"])
+    assert kd["phases"]["final"]["accuracy"] > 60.0
+    a = torch.load(tmp_path / "ce" / "masked.pt", weights_only=True)
+    b = torch.load(tmp_path / "kd" / "masked.pt", weights_only=True)
+    w = next(k for k in a if k.endswith("weight.original"))
+    assert not torch.equal(a[w], b[w])  # same data order and schedule: only the loss differs

@@ -9,6 +9,7 @@ Phases (each evaluated on the validation and test sets and measured with :func:`
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import random
@@ -135,20 +136,32 @@ def _compress_phase_name(comp: Compressor) -> str:
     return "fine-tune pruned"
 
 
-def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float, cfg: RunConfig,
-                 device: torch.device, bar: _Progress, phase: Callable[[], str],
-                 on_step: Callable[[int], None] | None = None) -> list[float]:
+def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Callable[[int], float],
+                 cfg: RunConfig, device: torch.device, bar: _Progress, phase: Callable[[], str],
+                 on_step: Callable[[int], None] | None = None,
+                 teacher: nn.Module | None = None) -> list[float]:
+    """Run ``steps`` SGD steps. ``lr`` is a base rate (scheduled by ``train.scheduler``) or a function
+    of the step. With ``teacher``, the loss mixes in ``train.distill`` x KL to its soft outputs."""
     t = cfg.train
-    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=t.momentum, weight_decay=t.weight_decay,
-                          nesterov=t.momentum > 0)
+    lr_fn = lr if callable(lr) else (lambda k: _lr_at(lr, k, steps, t.scheduler))
+    opt = torch.optim.SGD(model.parameters(), lr=lr_fn(0), momentum=t.momentum,
+                          weight_decay=t.weight_decay, nesterov=t.momentum > 0)
     losses = []
     model.train()
     for k in range(steps):
         for g in opt.param_groups:
-            g["lr"] = _lr_at(lr, k, steps, t.scheduler)
+            g["lr"] = lr_fn(k)
         bar.phase(phase())
         x, y = next(batches)
-        loss = F.cross_entropy(model(x.to(device)), y.to(device))
+        x, y = x.to(device), y.to(device)
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if teacher is not None and t.distill > 0:
+            with torch.no_grad():
+                soft = F.log_softmax(teacher(x) / t.distill_temperature, dim=1)
+            kd = F.kl_div(F.log_softmax(out / t.distill_temperature, dim=1), soft, log_target=True,
+                          reduction="batchmean") * t.distill_temperature ** 2
+            loss = (1.0 - t.distill) * loss + t.distill * kd
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -160,6 +173,26 @@ def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float, cfg
         if on_step is not None:
             on_step(k)
     return losses
+
+
+def compress_lr_schedule(cfg: RunConfig, steps: int, quant_begin: int | None) -> Callable[[int], float]:
+    """Learning rate per compression step.
+
+    One schedule (``train.scheduler``) from ``train.compress_lr`` over all steps; with ``train.qat_lr``
+    and a quantization start inside the run, two: ``compress_lr`` over the steps before quantization
+    begins, then a fresh schedule from ``qat_lr`` over the rest (the paper's separate QAT fine-tune).
+    """
+    t = cfg.train
+    if t.qat_lr is None or quant_begin is None or not 0 < quant_begin < steps:
+        return lambda k: _lr_at(t.compress_lr, k, steps, t.scheduler)
+    qb = quant_begin
+
+    def fn(k: int) -> float:
+        if k < qb:
+            return _lr_at(t.compress_lr, k, qb, t.scheduler)
+        return _lr_at(t.qat_lr, k - qb, steps - qb, t.scheduler)
+
+    return fn
 
 
 def _phase_result(model: nn.Module, data: DataBundle, example: Tensor, device: torch.device,
@@ -240,6 +273,11 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
 
         # ---- compression
         t = time.time()
+        teacher = None
+        if cfg.train.distill > 0:
+            teacher = copy.deepcopy(model).eval()  # the dense network, before instrumentation
+            for p in teacher.parameters():
+                p.requires_grad_(False)
         comp = Compressor(model, cfg.recipe, example, steps_per_epoch=spe)
         cmodel = comp.model
         snap: dict[str, Any] = {}
@@ -251,8 +289,10 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
                 snap["pruned"] = _phase_result(cmodel, data, example, device, cfg)
                 snap["pruned"]["step"] = comp.step_count
 
-        _train_steps(cmodel, batches, comp_steps, cfg.train.compress_lr, cfg, device, bar,
-                     lambda: _compress_phase_name(comp), on_step)
+        lr_fn = compress_lr_schedule(cfg, comp_steps, comp.timeline.quant_begin)
+        _train_steps(cmodel, batches, comp_steps, lr_fn, cfg, device, bar,
+                     lambda: _compress_phase_name(comp), on_step, teacher=teacher)
+        del teacher
         if comp.spec is not None and "pruned" not in snap:
             log(f"warning: pruning had not finished after {comp_steps} steps (last mask freezes at step "
                 f"{comp.timeline.prune_end}); increase train.epochs or shorten the schedule")
