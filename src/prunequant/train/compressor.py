@@ -213,7 +213,13 @@ class Compressor:
                 aq.enabled.fill_(True)
 
     def step(self) -> None:
-        """Advance the schedule by one training step (call after ``optimizer.step()``)."""
+        """Advance the schedule by one training step (call after ``optimizer.step()``).
+
+        Under ``torch.distributed`` the running activation-quantizer statistics are averaged over
+        the ranks here (one small all-reduce per step while they gather), so every rank quantizes
+        with the same bounds; mask statistics are reduced when a mask is recomputed.
+        """
+        _sync_act_stats(self._aq)
         self.model.pq_step += 1
         self._apply(self.step_count)
 
@@ -265,6 +271,25 @@ class Compressor:
 
             return _shrink(self.model).eval()
         return self.model
+
+
+@torch.no_grad()
+def _sync_act_stats(aqs: list[ActQuantizer]) -> None:
+    """Average the running sums of the gathering activation quantizers over all ranks (in place)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    live = [a for a in aqs if bool(a.enabled) and not bool(a.frozen)]
+    if not live:
+        return
+    buf = torch.stack([torch.stack([a.min_sum, a.max_sum, a.stat_count]) for a in live])
+    dist.all_reduce(buf)
+    buf /= dist.get_world_size()
+    for a, row in zip(live, buf):
+        a.min_sum.copy_(row[0])
+        a.max_sum.copy_(row[1])
+        a.stat_count.copy_(row[2])
 
 
 def _reduced_mean(m: ChannelMask) -> Tensor:
