@@ -232,7 +232,7 @@ def _layout(gm: fx.GraphModule) -> tuple[str, list[Any], list[_Entry], list[int]
     conv_of = {bn: conv for conv, bn in _folded_pairs(gm, folded)}
     kind: dict[str, str] = {}
     entries: list[_Entry] = []
-    blobs: dict[str, _Entry | list[_Entry]] = {}
+    blobs: dict[str, _Entry] = {}
     for name, m in modules.items():
         prefix = f"{name}." if name else ""
         if isinstance(m, LAYER_TYPES):
@@ -278,7 +278,7 @@ def _layout(gm: fx.GraphModule) -> tuple[str, list[Any], list[_Entry], list[int]
         elif k == "R":
             entries.append(_raw_entry(key, t))
         elif k in "PSAGB":
-            entries.append(blobs[key])  # type: ignore[arg-type]
+            entries.append(blobs[key])
     bits = [int(m.bits) for m in modules.values() if isinstance(m, (WeightQuantizer, ActQuantizer))]
     return "".join(kinds), scalars, entries, bits
 
