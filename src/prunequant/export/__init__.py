@@ -9,12 +9,16 @@
   ``fold_bn=True`` stores the deployment form (:func:`fold_batchnorm`): BatchNorm folded into the
   conv's per-channel scale and a bias.
 
-Both refuse models that are not quantized or not finalized (:class:`ExportError` says what to do).
+* :func:`to_hls4ml` (optional, needs ``hls4ml[onnx]``): the QONNX export converted into an hls4ml
+  ``ModelGraph`` whose ``compile()`` builds a bit-accurate C++ emulation with g++.
+
+All refuse models that are not quantized or not finalized (:class:`ExportError` says what to do).
 See ``docs/export.md``.
 """
 
 from ._checks import ExportError, check_exportable
 from .fold import fold_batchnorm
+from .hls import to_hls4ml
 from .onnx_export import FORMATS, build_onnx, export_onnx
 from .packed import (
     HEADER_BYTES,
@@ -30,5 +34,5 @@ from .packed import (
 __all__ = [
     "FORMATS", "HEADER_BYTES", "ExportError", "PackedFormatError", "build_onnx", "check_exportable",
     "export_onnx", "fold_batchnorm", "load_packed", "pack_codes", "packed_size_report", "read_packed",
-    "save_packed", "unpack_codes",
+    "save_packed", "to_hls4ml", "unpack_codes",
 ]
