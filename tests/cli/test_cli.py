@@ -91,7 +91,8 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
     cfg = {
         "model": {"name": "resnet20", "width": 0.25},
         "data": {"name": "digits", "batch_size": 64},
-        "train": {"dense_epochs": 2, "epochs": 3, "lr": 0.05, "compress_lr": 0.02, "progress": False},
+        "train": {"dense_epochs": 2, "epochs": 3, "lr": 0.05, "compress_lr": 0.02, "progress": False,
+                  "threads": 1},
         "recipe": {
             "prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 3, "refresh": 1},
             "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 2, "act_delay": 1},

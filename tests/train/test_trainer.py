@@ -24,6 +24,7 @@ def _cfg(**train) -> RunConfig:
                 "lr": 0.05,
                 "compress_lr": 0.02,
                 "progress": False,
+                "threads": 1,  # one per xdist worker (the trainer defaults to all cores)
                 **train,
             },
             "recipe": {
