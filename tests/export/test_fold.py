@@ -14,6 +14,7 @@ from export_helpers import deployable, eval_inputs, make_model, out_step, torch_
 from prunequant import Compressor, measure
 from prunequant.export import HEADER_BYTES, fold_batchnorm, load_packed, packed_size_report, save_packed
 from prunequant.export.fold import fold_pairs
+from prunequant.export.packed import read_packed
 from prunequant.graph.discover import NORM_TYPES
 from prunequant.models import build_model
 
@@ -145,3 +146,45 @@ def test_folded_file_within_five_percent_for_resnet20_w8(tmp_path):
     # unfolded, the same model is over 5 % (20 bytes of float32 per BatchNorm channel)
     plain = save_packed(model, tmp_path / "plain.pqpack").stat().st_size
     assert plain > 1.05 * weight_bytes + HEADER_BYTES
+
+
+def test_conv_bias_is_absorbed_into_the_folded_bias(tmp_path):
+    def make():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 8, 3, padding=1, bias=True), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Conv2d(8, 8, 3, padding=1, bias=True), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(8 * 8 * 8, 10))
+
+    torch.manual_seed(0)
+    net = make()
+    x = torch.randn(64, 1, 8, 8)
+    quant = {"weight_bits": 8, "act_bits": 8, "unit": "steps", "weight_delay": 0, "act_delay": 0}
+    comp = Compressor(net, {"prune": None, "quant": quant}, x[:4])
+    with torch.no_grad():
+        for bn in (m for m in comp.model.modules() if isinstance(m, NORM_TYPES)):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(-2, 2)
+            bn.bias.uniform_(-1, 1)
+        for conv in (m for m in comp.model.modules() if isinstance(m, torch.nn.Conv2d)):
+            conv.bias.uniform_(-1, 1)
+    comp.model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            comp.model(x)
+            comp.step()
+    fm = comp.finalize()
+    folded = fold_batchnorm(fm)
+    assert len(folded.pq_folded) == 2
+    convs = [m for m in folded.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(torch.all(c.bias == 0) for c in convs)
+    fm.eval()
+    within, agree = _agreement(torch_run(fm, x), torch_run(folded, x))
+    assert within >= 0.98 and agree >= 0.98, (within, agree)
+    with torch.no_grad():
+        diff = (fm(x) - folded(x)).abs().max()
+    assert diff < 0.05 * fm(x).abs().max(), diff
+    path = save_packed(fm, tmp_path / "b.pqpack", fold_bn=True)
+    assert "Z" in read_packed(path)[0]["kinds"]  # the zeroed conv biases are not stored
+    with torch.no_grad():
+        assert torch.equal(load_packed(path, make)(x), folded.eval()(x))
