@@ -63,6 +63,19 @@ def fold_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
     return pairs
 
 
+def folded_pairs(gm: fx.GraphModule) -> list[tuple[str, str]]:
+    """``(conv, batchnorm)`` for each BatchNorm already folded (listed in ``gm.pq_folded``)."""
+    folded = set(getattr(gm, "pq_folded", []) or [])
+    pairs = []
+    for n in gm.graph.nodes:
+        if (n.op == "call_module" and str(n.target) in folded and n.args and isinstance(n.args[0], fx.Node)
+                and n.args[0].op == "call_module"):
+            pairs.append((str(n.args[0].target), str(n.target)))
+    if len(pairs) != len(folded):
+        raise ExportError("a folded BatchNorm no longer follows its conv in this graph")
+    return pairs
+
+
 def _to_f32(x: np.ndarray, what: str) -> np.ndarray:
     y = x.astype(np.float32)
     if not np.all(np.isfinite(y)):
@@ -123,4 +136,4 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["fold_batchnorm", "fold_pairs"]
+__all__ = ["fold_batchnorm", "fold_pairs", "folded_pairs"]

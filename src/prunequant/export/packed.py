@@ -61,6 +61,7 @@ from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..utils import atomic_write
 from ._checks import ExportError, check_exportable, shrink_available
+from .fold import fold_batchnorm, folded_pairs
 
 MAGIC = b"PQPACK\r\n"
 VERSION = 2
@@ -144,14 +145,6 @@ def _raw_entry(key: str, t: torch.Tensor) -> _Entry:
     return _Entry(key, "raw", name, list(t.shape), arr.astype(_DTYPES[name][1], copy=False).tobytes())
 
 
-def _scalar(t: torch.Tensor) -> dict[str, Any]:
-    name = _BY_TORCH.get(t.dtype)
-    if name is None:
-        raise ExportError(f"save_packed: a 0-d buffer of dtype {t.dtype} cannot be stored")
-    v = t.item()
-    return {"dtype": name, "value": bool(v) if name == "bool" else v}
-
-
 def _site_records(gm: fx.GraphModule) -> list[dict[str, Any]]:
     plan = gm.pq_plan
     out = []
@@ -229,7 +222,7 @@ def _layout(gm: fx.GraphModule) -> tuple[str, list[Any], list[_Entry], list[int]
     state = gm.state_dict()
     modules = dict(gm.named_modules())
     folded = list(getattr(gm, "pq_folded", []) or [])
-    conv_of = {bn: conv for conv, bn in _folded_pairs(gm, folded)}
+    folded_convs = {conv for conv, _ in folded_pairs(gm)}
     kind: dict[str, str] = {}
     entries: list[_Entry] = []
     blobs: dict[str, _Entry] = {}
@@ -248,7 +241,7 @@ def _layout(gm: fx.GraphModule) -> tuple[str, list[Any], list[_Entry], list[int]
             blobs[f"{pw}.0.stat_sum"] = _Entry(f"{pw}.0.stat_sum", "wscale", "float32", list(scale.shape),
                                                scale.tobytes())
             kind.update({f"{pw}.original": "P", f"{pw}.0.stat_sum": "S", f"{pw}.0.stat_count": "-"})
-            if name in conv_of.values() and m.bias is not None:
+            if name in folded_convs and m.bias is not None:
                 kind[f"{prefix}bias"] = "Z"
         elif isinstance(m, ActQuantizer) and float(m.stat_count) > 0:
             lb, ub = float(m.min_sum / m.stat_count), float(m.max_sum / m.stat_count)
@@ -281,19 +274,6 @@ def _layout(gm: fx.GraphModule) -> tuple[str, list[Any], list[_Entry], list[int]
             entries.append(blobs[key])
     bits = [int(m.bits) for m in modules.values() if isinstance(m, (WeightQuantizer, ActQuantizer))]
     return "".join(kinds), scalars, entries, bits
-
-
-def _folded_pairs(gm: fx.GraphModule, folded: list[str]) -> list[tuple[str, str]]:
-    """``(conv, bn)`` for each folded BatchNorm: the conv node whose only user it is."""
-    pairs = []
-    for n in gm.graph.nodes:
-        if n.op == "call_module" and str(n.target) in folded and n.args and isinstance(n.args[0], fx.Node):
-            src = n.args[0]
-            if src.op == "call_module":
-                pairs.append((str(src.target), str(n.target)))
-    if len(pairs) != len(folded):
-        raise ExportError("save_packed: a folded BatchNorm no longer follows its conv in this graph")
-    return pairs
 
 
 def _record(gm: fx.GraphModule) -> tuple[dict[str, Any], list[_Entry]]:
@@ -343,8 +323,6 @@ def encode_packed(model: nn.Module, *, allow_masked: bool = False,
         raise ExportError("save_packed needs a model instrumented by prunequant (Compressor.model or the "
                           "model Compressor.finalize() returns, optionally shrunk)")
     if fold_bn:
-        from .fold import fold_batchnorm
-
         model = fold_batchnorm(model)
     record, entries = _record(model)
     sizes = {"packed_weights": 0, "weight_scales": 0, "activation_params": 0, "other_tensors": 0}
@@ -361,8 +339,9 @@ def encode_packed(model: nn.Module, *, allow_masked: bool = False,
                           "Compressor)")
     data = io.BytesIO()
     for e in entries:
-        if _nbytes(_entry_table(e)) != len(e.data):  # pragma: no cover - internal consistency
-            raise AssertionError(f"{e.key}: {len(e.data)} bytes, table says {_nbytes(_entry_table(e))}")
+        expect = _nbytes(_entry_table(e))
+        if expect != len(e.data):  # pragma: no cover - internal consistency
+            raise AssertionError(f"{e.key}: {len(e.data)} bytes, its shape and dtype say {expect}")
         data.write(e.data)
     rec = zlib.compress(json.dumps(record, separators=(",", ":")).encode("utf-8"), 9)
     body = rec + data.getvalue()
