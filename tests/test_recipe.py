@@ -39,6 +39,8 @@ def _line(msg: str, path: str) -> str:
         ({"prune": {"start": -1}}, "prune.start", "greater than or equal to 0", "-1"),
         ({"prune": {"stepwise_steps": 0}}, "prune.stepwise_steps", "greater than or equal to 1", "0"),
         ({"prune": {"seed": -2}}, "prune.seed", "greater than or equal to 0", "-2"),
+        ({"quant": {"act_percentile": 100}}, "quant.act_percentile", "less than 100", "100"),
+        ({"quant": {"act_percentile": 50}}, "quant.act_percentile", "greater than 50", "50"),
     ],
 )
 def test_out_of_range_values_name_field_and_bound(data, path, allowed, got):

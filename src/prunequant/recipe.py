@@ -70,6 +70,11 @@ class QuantConfig(_Strict):
     weight_delay: float = Field(0.5, ge=0.0, description="steps/epochs after quant start before W-quant")
     act_delay: float = Field(0.05, ge=0.0, description="steps/epochs after quant start before A-quant")
     power_of_two: bool = False
+    act_percentile: float | None = Field(
+        None, gt=50.0, lt=100.0,
+        description="null: activation bounds are running means of batch min/max (the paper's); a "
+                    "percentile p in (50, 100) uses the batch's p-th / (100-p)-th percentiles instead "
+                    "(not in the paper)")
     per_layer: dict[str, LayerBits] = Field(default_factory=dict)
 
 

@@ -18,7 +18,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from prunequant.quant.quantizers import MAX_BITS, MIN_BITS, ActQuantizer, WeightQuantizer, check_bits
+from prunequant.quant.quantizers import (
+    MAX_BITS,
+    MIN_BITS,
+    ActQuantizer,
+    WeightQuantizer,
+    batch_percentiles,
+    check_bits,
+    check_percentile,
+)
 
 F32_EPS = float(np.finfo(np.float32).eps)
 
@@ -334,6 +342,68 @@ def test_act_quantizer_ste_gradient(bits, seed):
     x = torch.tensor(np.concatenate([inside, outside]), dtype=torch.float32, requires_grad=True)
     aq(x).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), np.r_[np.ones(20), np.zeros(2)])
+
+
+# ------------------------------------------------------------------------------- percentile ranges
+@settings(max_examples=60, deadline=None)
+@given(seed=seed_st, n=st.integers(1, 3000), p=st.floats(50.5, 99.99), relu=st.booleans(),
+       ties=st.booleans())
+def test_batch_percentiles_are_exact_order_statistics(seed, n, p, relu, ties):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * 3
+    if ties:
+        x = torch.round(x)  # many equal values
+    if relu:
+        x = torch.relu(x)
+    lo, hi = batch_percentiles(x.reshape(1, -1, 1), p)
+    k = int(n * (1 - p / 100))
+    xs = np.sort(x.numpy())
+    assert float(hi) == xs[n - 1 - k]  # the (k+1)-th largest
+    assert int((x > hi).sum()) <= k < int((x >= hi).sum())
+    if float(xs[0]) < 0:
+        assert float(lo) == xs[k]  # the (k+1)-th smallest
+        assert int((x < lo).sum()) <= k < int((x <= lo).sum())
+    else:
+        assert float(lo) == xs[0]
+    if k == 0:
+        assert (float(lo), float(hi)) == (xs[0], xs[-1])
+
+
+@settings(max_examples=30, deadline=None)
+@given(bits=bits_st, seed=seed_st, n=st.integers(1, 4), p=st.sampled_from([90.0, 99.0, 99.9]))
+def test_act_quantizer_percentile_bounds_are_running_means_of_batch_percentiles(bits, seed, n, p):
+    g = torch.Generator().manual_seed(seed)
+    batches = [torch.relu(torch.randn(2, 4, 16, 16, generator=g) * (1 + k)) for k in range(n)]
+    for b in batches:
+        b.view(-1)[0] = 50.0  # one outlier each
+    aq = ActQuantizer(bits, percentile=p)
+    aq.enabled.fill_(True)
+    _feed(aq, batches)
+    his = [float(batch_percentiles(b, p)[1]) for b in batches]
+    lb, ub = aq.bounds()
+    assert lb == 0.0
+    assert ub == pytest.approx(float(np.mean(his)), rel=1e-9)
+    ref = ActQuantizer(bits)
+    ref.enabled.fill_(True)
+    _feed(ref, batches)
+    assert ub < ref.bounds()[1] == pytest.approx(50.0)  # the outlier no longer sets the range
+    aq.eval()
+    y = aq(torch.tensor([0.0, ub / 2, 50.0]))
+    assert float(y[0]) == 0.0 and float(y[2]) == pytest.approx(ub, rel=1e-6)  # saturates at ub
+
+
+@pytest.mark.parametrize("bad", [50, 100, 100.0, 0.5, -1, True, "99"])
+def test_check_percentile_rejects(bad):
+    with pytest.raises(ValueError, match=r"act_percentile must be null .* \(50, 100\)"):
+        check_percentile(bad)
+    with pytest.raises(ValueError, match=r"act_percentile"):
+        ActQuantizer(4, percentile=bad)
+
+
+def test_check_percentile_accepts():
+    assert check_percentile(None) is None
+    assert check_percentile(99) == 99.0
+    assert "percentile=99.9" in repr(ActQuantizer(4, percentile=99.9))
 
 
 # ------------------------------------------------------------------------------------------- bits

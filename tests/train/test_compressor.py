@@ -421,3 +421,42 @@ def test_per_layer_bits_inherit_unset_fields_and_null_means_float():
     assert info[first].weight_bits == 4 and info[first].act_bits == 8
     assert info[last].weight_bits is None and info[last].act_bits == 4
     assert comp._wq.keys() == set(names) - {last}
+
+
+def test_act_percentile_reaches_every_quantizer_and_survives_save_and_packed(tmp_path):
+    from prunequant.export import load_packed, save_packed
+    from prunequant.graph import load_pruned, save_pruned
+    from prunequant.quant.quantizers import batch_percentiles
+
+    quant = {**QUANT, "act_percentile": 99.0}
+    comp = Compressor(_model(), {"prune": PRUNE, "quant": quant, "ordering": "joint"}, _example())
+    aqs = _aqs(comp)
+    assert aqs and all(a.percentile == 99.0 for a in aqs)
+    seen: dict[int, list[float]] = {id(a): [] for a in aqs}
+
+    def pre(mod, args):  # the statistic each enabled quantizer should add at this forward
+        if mod.training and bool(mod.enabled):
+            seen[id(mod)].append(float(batch_percentiles(args[0].detach(), 99.0)[1]))
+
+    hooks = [a.register_forward_pre_hook(pre) for a in aqs]
+    _train(comp, _data(comp.total_steps_hint + 2))
+    for h in hooks:
+        h.remove()
+    for a in aqs:
+        assert seen[id(a)] and float(a.max_sum / a.stat_count) == pytest.approx(np.mean(seen[id(a)]))
+    small = comp.finalize()
+    x = _data(1, seed=9)[0][0]
+    with torch.no_grad():
+        want = small(x)
+    save_pruned(small, tmp_path / "m")
+    back = load_pruned(_model(seed=3), tmp_path / "m", _example()).eval()
+    assert all(a.percentile == 99.0 for a in _aqs_of(back))
+    path = save_packed(small, tmp_path / "m.pqz", example_input=_example())
+    packed = load_packed(path, _model(seed=4)).eval()
+    with torch.no_grad():
+        assert torch.equal(back(x), want)
+        assert torch.equal(packed(x), want)
+
+
+def _aqs_of(model: nn.Module) -> list[ActQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ActQuantizer)]

@@ -46,7 +46,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..prune.mask import ChannelMask
-from ..quant.quantizers import ActQuantizer, WeightQuantizer
+from ..quant.quantizers import ActQuantizer, WeightQuantizer, check_percentile
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -973,6 +973,7 @@ def instrument(
     power_of_two: bool = False,
     layer_bits: dict[str, dict] | None = None,
     example_input: torch.Tensor | None = None,
+    act_percentile: float | None = None,
 ) -> tuple[fx.GraphModule, Plan]:
     """Trace ``model`` and insert masks (when ``prune_stat`` is not None) and quantizers.
 
@@ -984,11 +985,16 @@ def instrument(
         weight_bits / act_bits: global bit-widths; ``None`` leaves that part in floating point.
         layer_bits: ``{pattern: {"weight_bits": b|None, "act_bits": b|None}}`` per-layer overrides
             (``act_bits`` is the bit-width of that layer's *input*).
+        act_percentile: ``None`` (activation bounds from batch min / max, the paper's) or a
+            percentile in (50, 100) used as the per-batch statistic instead (see
+            :class:`~prunequant.quant.quantizers.ActQuantizer`).
         example_input: a batch used to record tensor shapes; needed to follow channels through
             concatenations, splits and views (without it those activations are not pruned).
     """
     options = {"prune_stat": prune_stat, "exclude": list(exclude), "weight_bits": weight_bits,
                "act_bits": act_bits, "power_of_two": power_of_two, "layer_bits": layer_bits}
+    if act_percentile is not None:  # recorded only when used, so older records stay identical
+        options["act_percentile"] = check_percentile(act_percentile)
     gm = trace(model, exclude)
     graph = gm.graph
     sites: list[Site] = []
@@ -1054,7 +1060,7 @@ def instrument(
     for src, users in by_input.items():
         bits = max(layers[str(u.target)].act_bits for u in users)
         name = f"{AQ_ATTR}.{_safe(str(users[0].target))}"
-        gm.add_submodule(name, ActQuantizer(bits))
+        gm.add_submodule(name, ActQuantizer(bits, act_percentile))
         with graph.inserting_before(users[0]):
             q = graph.call_module(name, (src,))
         for u in users:

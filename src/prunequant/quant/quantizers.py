@@ -9,7 +9,9 @@ running sums can be all-reduced across ranks (sum of ``stat_sum`` and ``stat_cou
 * :class:`ActQuantizer`: asymmetric, per tensor. Bounds are running means of the per-batch min and
   max (extended to include 0 so that zero, and therefore a pruned channel, is exactly
   representable); ``step = (ub - lb) / (2**b - 1)`` (the textbook choice; the authors' code divides
-  by ``2**b``); integer zero point ``round(-lb / step)``.
+  by ``2**b``); integer zero point ``round(-lb / step)``. Optionally (not in the paper) the
+  per-batch statistic is a high percentile instead of the max (and the matching low percentile
+  instead of the min), which clips rare outliers and gives the 2**b levels a finer step.
 """
 
 from __future__ import annotations
@@ -27,6 +29,35 @@ def check_bits(bits: int, field: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{field} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return int(bits)
+
+
+def check_percentile(p: float | None, field: str = "act_percentile") -> float | None:
+    """Validate an activation-range percentile: ``None`` or a number in the open range (50, 100)."""
+    if p is None:
+        return None
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 50.0 < float(p) < 100.0:
+        raise ValueError(f"{field} must be null (batch min/max) or a number in (50, 100), got {p!r}")
+    return float(p)
+
+
+def batch_percentiles(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
+    """``(low, high)``: the ``100 - p``-th and ``p``-th percentiles of all elements of ``x``.
+
+    Exact order statistics: with ``n`` elements and ``k = floor(n * (1 - p/100))``, ``high`` is the
+    ``(k+1)``-th largest element (so at most ``k`` elements lie above it) and ``low`` the ``(k+1)``-th
+    smallest; ``k = 0`` gives the max and the min. Uses ``topk`` (linear in ``n`` for small ``k``),
+    and returns the min as ``low`` when it is not negative (ReLU outputs): the quantizer clamps
+    its lower bound to 0 then in either case.
+    """
+    flat = x.reshape(-1)
+    k = int(flat.numel() * (1.0 - p / 100.0))
+    lo, hi = torch.aminmax(flat)
+    if k == 0:
+        return lo, hi
+    hi = torch.topk(flat, k + 1, sorted=False).values.min()
+    if lo < 0:
+        lo = torch.topk(flat, k + 1, largest=False, sorted=False).values.max()
+    return lo, hi
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -144,11 +175,18 @@ class ActQuantizer(nn.Module):
     In training mode (and while not frozen) each forward adds the batch min and max to the
     running means, then quantizes with the updated bounds. In eval mode the statistics are frozen.
     Before it is enabled it passes its input through unchanged and gathers nothing.
+
+    Args:
+        bits: bit-width in [2, 16].
+        percentile: ``None`` (the paper's batch min / max) or ``p`` in (50, 100): the batch statistic
+            is then the ``p``-th percentile (upper bound) and the ``100 - p``-th percentile (lower
+            bound), computed exactly (see :func:`batch_percentiles`).
     """
 
-    def __init__(self, bits: int):
+    def __init__(self, bits: int, percentile: float | None = None):
         super().__init__()
         self.bits = check_bits(bits, "act_bits")
+        self.percentile = check_percentile(percentile)
         self.register_buffer("min_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("max_sum", torch.zeros((), dtype=torch.float64))
         self.register_buffer("stat_count", torch.zeros((), dtype=torch.float64))
@@ -180,7 +218,10 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
-        lo, hi = torch.aminmax(x.detach())
+        if self.percentile is None:
+            lo, hi = torch.aminmax(x.detach())
+        else:
+            lo, hi = batch_percentiles(x.detach(), self.percentile)
         self.min_sum += lo.to(torch.float64)
         self.max_sum += hi.to(torch.float64)
         self.stat_count += 1
@@ -203,4 +244,4 @@ class ActQuantizer(nn.Module):
         return quantize_to_int(x, step.to(x.device, x.dtype), zp.to(x.device), self.qmin, self.qmax)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}"
+        return f"bits={self.bits}" + ("" if self.percentile is None else f", percentile={self.percentile}")

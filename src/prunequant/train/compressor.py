@@ -98,6 +98,7 @@ class Compressor:
             act_bits=q.act_bits if q else None,
             power_of_two=q.power_of_two if q else False,
             layer_bits=layer_bits,
+            act_percentile=q.act_percentile if q else None,
             example_input=example_input,
         )
         self.model.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
