@@ -56,6 +56,7 @@ def test_out_of_range_values_name_field_and_bound(data, path, allowed, got):
         ({"prune": {"schedule": "gradual"}}, "prune.schedule", SCHEDULES),
         ({"prune": {"unit": "minutes"}}, "prune.unit", ("epochs", "steps")),
         ({"ordering": "both"}, "ordering", ORDERINGS),
+        ({"quant": {"weight_clip": "l2"}}, "quant.weight_clip", ("max", "mse")),
     ],
 )
 def test_bad_choice_lists_allowed_values(data, path, choices):

@@ -75,6 +75,10 @@ class QuantConfig(_Strict):
         description="null: activation bounds are running means of batch min/max (the paper's); a "
                     "percentile p in (50, 100) uses the batch's p-th / (100-p)-th percentiles instead "
                     "(not in the paper)")
+    weight_clip: Literal["max", "mse"] = Field(
+        "max", description="max: weight scale from max|W_c| (the paper's); mse: that scale times the "
+                           "clip ratio in [0.5, 1] minimizing the channel's quantization error "
+                           "(not in the paper)")
     per_layer: dict[str, LayerBits] = Field(default_factory=dict)
 
 

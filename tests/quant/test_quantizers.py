@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from prunequant.quant.quantizers import (
+    CLIP_RATIOS,
     MAX_BITS,
     MIN_BITS,
     ActQuantizer,
@@ -342,6 +343,55 @@ def test_act_quantizer_ste_gradient(bits, seed):
     x = torch.tensor(np.concatenate([inside, outside]), dtype=torch.float32, requires_grad=True)
     aq(x).sum().backward()
     np.testing.assert_array_equal(x.grad.numpy(), np.r_[np.ones(20), np.zeros(2)])
+
+
+# ---------------------------------------------------------------------------- MSE weight clipping
+def _q_err(rows: np.ndarray, s: np.ndarray, bits: int) -> np.ndarray:
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    s = s[:, None]
+    return ((np.clip(np.round(rows / s), qmin, qmax) * s - rows) ** 2).sum(axis=1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.integers(2, 8), kind=st.sampled_from(sorted(WEIGHT_KINDS)), seed=seed_st,
+       outlier=st.floats(1.0, 6.0))
+def test_weight_quantizer_mse_clip_picks_the_best_ratio_per_channel(bits, kind, seed, outlier):
+    shape, axis = WEIGHT_KINDS[kind]
+    channels = None if axis is None else shape[axis]
+    w = _rand(shape, seed)
+    w.view(-1)[0] *= outlier  # an outlier makes clipping worthwhile at low bits
+    wq = WeightQuantizer(bits, channels=channels, axis=0 if axis is None else axis, clip="mse")
+    ref = WeightQuantizer(bits, channels=channels, axis=0 if axis is None else axis)
+    wq.observe(w)
+    ref.observe(w)
+    rows = _channel_view(w.double().numpy(), axis)
+    s_max = ref.scale().double().numpy()
+    s_mse = wq.scale().double().numpy()
+    ratio = s_mse / s_max
+    # Each channel's ratio is one of the candidates, and it is the best of them (ties to the larger).
+    errs = np.stack([_q_err(rows, r * s_max, bits) for r in CLIP_RATIOS])  # [R, C]
+    for c in range(rows.shape[0]):
+        k = int(np.argmin(np.abs(np.array(CLIP_RATIOS) - ratio[c])))
+        assert abs(CLIP_RATIOS[k] - ratio[c]) < 1e-6
+        assert errs[k, c] <= errs[:, c].min() * (1 + 1e-5) + 1e-12
+        assert errs[k, c] <= errs[-1, c] * (1 + 1e-5) + 1e-12  # never worse than the paper's max
+    # Quantizing with it stays on the integer grid and saturates like the max variant.
+    wq.enabled.fill_(True)
+    codes = wq.int_codes(w).numpy()
+    assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
+    assert "clip=mse" in repr(wq)
+
+
+def test_weight_quantizer_mse_clip_keeps_max_when_clipping_cannot_help():
+    w = torch.tensor([[-1.0, -0.5, 0.0, 0.5, 0.75]])  # exactly on the 3-bit grid of the max scale
+    wq = WeightQuantizer(3, channels=1, clip="mse")
+    wq.observe(w)
+    assert float(wq.scale()[0]) == pytest.approx(1.0 / 4)
+
+
+def test_weight_quantizer_rejects_unknown_clip():
+    with pytest.raises(ValueError, match=r"weight_clip must be one of \['max', 'mse'\], got 'l2'"):
+        WeightQuantizer(4, clip="l2")
 
 
 # ------------------------------------------------------------------------------- percentile ranges

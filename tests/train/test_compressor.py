@@ -423,15 +423,16 @@ def test_per_layer_bits_inherit_unset_fields_and_null_means_float():
     assert comp._wq.keys() == set(names) - {last}
 
 
-def test_act_percentile_reaches_every_quantizer_and_survives_save_and_packed(tmp_path):
+def test_range_options_reach_every_quantizer_and_survive_save_and_packed(tmp_path):
     from prunequant.export import load_packed, save_packed
     from prunequant.graph import load_pruned, save_pruned
     from prunequant.quant.quantizers import batch_percentiles
 
-    quant = {**QUANT, "act_percentile": 99.0}
+    quant = {**QUANT, "act_percentile": 99.0, "weight_clip": "mse"}
     comp = Compressor(_model(), {"prune": PRUNE, "quant": quant, "ordering": "joint"}, _example())
     aqs = _aqs(comp)
     assert aqs and all(a.percentile == 99.0 for a in aqs)
+    assert _wqs(comp) and all(w.clip == "mse" for w in _wqs(comp))
     seen: dict[int, list[float]] = {id(a): [] for a in aqs}
 
     def pre(mod, args):  # the statistic each enabled quantizer should add at this forward
@@ -451,6 +452,7 @@ def test_act_percentile_reaches_every_quantizer_and_survives_save_and_packed(tmp
     save_pruned(small, tmp_path / "m")
     back = load_pruned(_model(seed=3), tmp_path / "m", _example()).eval()
     assert all(a.percentile == 99.0 for a in _aqs_of(back))
+    assert all(w.clip == "mse" for w in back.modules() if isinstance(w, WeightQuantizer))
     path = save_packed(small, tmp_path / "m.pqz", example_input=_example())
     packed = load_packed(path, _model(seed=4)).eval()
     with torch.no_grad():

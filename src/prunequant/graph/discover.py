@@ -46,7 +46,7 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..prune.mask import ChannelMask
-from ..quant.quantizers import ActQuantizer, WeightQuantizer, check_percentile
+from ..quant.quantizers import WEIGHT_CLIPS, ActQuantizer, WeightQuantizer, check_percentile
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -974,6 +974,7 @@ def instrument(
     layer_bits: dict[str, dict] | None = None,
     example_input: torch.Tensor | None = None,
     act_percentile: float | None = None,
+    weight_clip: str = "max",
 ) -> tuple[fx.GraphModule, Plan]:
     """Trace ``model`` and insert masks (when ``prune_stat`` is not None) and quantizers.
 
@@ -988,6 +989,8 @@ def instrument(
         act_percentile: ``None`` (activation bounds from batch min / max, the paper's) or a
             percentile in (50, 100) used as the per-batch statistic instead (see
             :class:`~prunequant.quant.quantizers.ActQuantizer`).
+        weight_clip: ``"max"`` (the paper's weight scale) or ``"mse"`` (MSE-optimal clipped max, see
+            :class:`~prunequant.quant.quantizers.WeightQuantizer`).
         example_input: a batch used to record tensor shapes; needed to follow channels through
             concatenations, splits and views (without it those activations are not pruned).
     """
@@ -995,6 +998,10 @@ def instrument(
                "act_bits": act_bits, "power_of_two": power_of_two, "layer_bits": layer_bits}
     if act_percentile is not None:  # recorded only when used, so older records stay identical
         options["act_percentile"] = check_percentile(act_percentile)
+    if weight_clip != "max":
+        if weight_clip not in WEIGHT_CLIPS:
+            raise ValueError(f"weight_clip must be one of {list(WEIGHT_CLIPS)}, got {weight_clip!r}")
+        options["weight_clip"] = weight_clip
     gm = trace(model, exclude)
     graph = gm.graph
     sites: list[Site] = []
@@ -1052,7 +1059,7 @@ def instrument(
             axis = 1 if info.kind == "convT" else 0
             channels = None if info.kind == "linear" else m.weight.shape[axis]
             parametrize.register_parametrization(
-                m, "weight", WeightQuantizer(info.weight_bits, channels, axis, power_of_two),
+                m, "weight", WeightQuantizer(info.weight_bits, channels, axis, power_of_two, weight_clip),
                 unsafe=True,
             )
         if info.act_bits is not None:

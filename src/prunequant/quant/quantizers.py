@@ -6,6 +6,8 @@ running sums can be all-reduced across ranks (sum of ``stat_sum`` and ``stat_cou
 * :class:`WeightQuantizer`: symmetric, per output channel (conv / transposed conv) or per tensor
   (linear). Scale = equal-weight running mean of ``max|W_c| / 2**(b-1)`` over the steps since the
   quantizer was enabled; optional power-of-two scale; saturating to ``[-2**(b-1), 2**(b-1)-1]``.
+  Optionally (not in the paper) the per-step statistic is the MSE-optimal clipped scale
+  ``alpha_c * max|W_c| / 2**(b-1)`` instead (``clip="mse"``, see :func:`mse_clip_ratio`).
 * :class:`ActQuantizer`: asymmetric, per tensor. Bounds are running means of the per-batch min and
   max (extended to include 0 so that zero, and therefore a pruned channel, is exactly
   representable); ``step = (ub - lb) / (2**b - 1)`` (the textbook choice; the authors' code divides
@@ -29,6 +31,28 @@ def check_bits(bits: int, field: str = "bits") -> int:
     if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{field} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
     return int(bits)
+
+
+#: weight-scale statistics: the paper's max, or the MSE-optimal clipped max.
+WEIGHT_CLIPS = ("max", "mse")
+#: candidate clip ratios for ``clip="mse"``: 0.50, 0.52, ..., 1.00.
+CLIP_RATIOS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))
+
+
+@torch.no_grad()
+def mse_clip_ratio(rows: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Per row, the ratio ``a`` in :data:`CLIP_RATIOS` minimizing ``sum (Q(w; a*scale) - w)^2``.
+
+    ``rows`` is ``[C, K]`` (one row per channel), ``scale`` ``[C]`` the unclipped scales. Ties go to
+    the larger ratio (less clipping), so ``1.0`` wins when clipping does not help.
+    """
+    w = rows.to(torch.float32).unsqueeze(0)  # [1, C, K]
+    ratios = torch.tensor(CLIP_RATIOS, dtype=torch.float64, device=rows.device)
+    s = torch.clamp(ratios[:, None] * scale[None, :].to(torch.float64), min=_EPS)  # [R, C]
+    s32 = s.to(torch.float32).unsqueeze(2)
+    err = (torch.clamp(torch.round(w / s32), qmin, qmax).mul_(s32).sub_(w)).square_().sum(dim=2)  # [R, C]
+    best = err.flip(0).argmin(dim=0)  # first minimum from the top: ties to the larger ratio
+    return ratios.flip(0)[best]
 
 
 def check_percentile(p: float | None, field: str = "act_percentile") -> float | None:
@@ -95,11 +119,17 @@ class WeightQuantizer(nn.Module):
         channels: number of output channels for per-channel scales, or ``None`` for per tensor.
         axis: the output-channel axis of the weight (0 for conv, 1 for transposed conv).
         power_of_two: round the scale to the nearest power of two (shift-only hardware).
+        clip: ``"max"`` (the paper's ``max|W_c| / 2**(b-1)``) or ``"mse"`` (that scale times the
+            ratio in :data:`CLIP_RATIOS` that minimizes the channel's quantization error at this step).
     """
 
-    def __init__(self, bits: int, channels: int | None = None, axis: int = 0, power_of_two: bool = False):
+    def __init__(self, bits: int, channels: int | None = None, axis: int = 0, power_of_two: bool = False,
+                 clip: str = "max"):
         super().__init__()
         self.bits = check_bits(bits, "weight_bits")
+        if clip not in WEIGHT_CLIPS:
+            raise ValueError(f"weight_clip must be one of {list(WEIGHT_CLIPS)}, got {clip!r}")
+        self.clip = clip
         self.axis = axis
         self.power_of_two = bool(power_of_two)
         n = 1 if channels is None else int(channels)
@@ -120,11 +150,13 @@ class WeightQuantizer(nn.Module):
         """``max|W_c| / 2**(b-1)`` per channel (or per tensor)."""
         w = w.detach()
         if self.per_channel:
-            dims = [d for d in range(w.dim()) if d != self.axis]
-            m = w.abs().amax(dim=dims)
+            rows = w.movedim(self.axis, 0).reshape(w.shape[self.axis], -1)
         else:
-            m = w.abs().amax().reshape(1)
-        return m.to(torch.float64) / 2 ** (self.bits - 1)
+            rows = w.reshape(1, -1)
+        s = rows.abs().amax(dim=1).to(torch.float64) / 2 ** (self.bits - 1)
+        if self.clip == "mse":
+            s = s * mse_clip_ratio(rows, s, self.qmin, self.qmax)
+        return s
 
     @torch.no_grad()
     def observe(self, w: Tensor) -> None:
@@ -166,7 +198,8 @@ class WeightQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         kind = f"per_channel(axis={self.axis})" if self.per_channel else "per_tensor"
-        return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}"
+        clip = "" if self.clip == "max" else f", clip={self.clip}"
+        return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}{clip}"
 
 
 class ActQuantizer(nn.Module):

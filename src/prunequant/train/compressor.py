@@ -99,6 +99,7 @@ class Compressor:
             power_of_two=q.power_of_two if q else False,
             layer_bits=layer_bits,
             act_percentile=q.act_percentile if q else None,
+            weight_clip=q.weight_clip if q else "max",
             example_input=example_input,
         )
         self.model.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
