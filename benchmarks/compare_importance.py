@@ -6,10 +6,18 @@ fine-tunes a copy of it with the same number of compression steps and the same l
 schedule; only the importance measure / schedule differ. Prints mean +- std of test accuracy and
 writes ``OUT/compare.json``, ``OUT/compare.md`` and ``OUT/compare.png``.
 
-Reproduce the README table (about 70 minutes on 2 CPU cores)::
+Reproduce the README tables: the full pipeline (W4A4, full data; about 100 CPU-minutes)::
 
     .venv/bin/python benchmarks/compare_importance.py --config recipes/fmnist_resnet20_w4a4.yaml \
+        --sparsity 0.75 --seeds 0 1 2 --threads 1 --out runs/compare75
+
+and pruning only on a 20,000-image subset (about 70 minutes on 2 CPU cores)::
+
+    .venv/bin/python benchmarks/compare_importance.py --config recipes/fmnist_resnet20_compare.yaml \
         --sparsity 0.75 --seeds 0 1 2 --no-quant --out runs/compare
+
+Seeds can run as separate processes (``--seeds 0``, ``--seeds 1``, ... with the same ``--out``); a
+final call with all seeds reads the cached results and writes the combined table.
 """
 
 from __future__ import annotations
