@@ -147,7 +147,7 @@ class WeightQuantizer(nn.Module):
         return 2 ** (self.bits - 1) - 1
 
     def _current_stat(self, w: Tensor) -> Tensor:
-        """``max|W_c| / 2**(b-1)`` per channel (or per tensor)."""
+        """``max|W_c| / 2**(b-1)`` per channel (or per tensor), times the MSE clip ratio if ``clip="mse"``."""
         w = w.detach()
         if self.per_channel:
             rows = w.movedim(self.axis, 0).reshape(w.shape[self.axis], -1)
