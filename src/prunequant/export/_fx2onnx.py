@@ -352,12 +352,7 @@ class Translator:
                 return x
             if m.running_mean is None:
                 raise ExportError(f"{name}: BatchNorm without running statistics cannot be exported")
-            c = m.num_features
-            g = m.weight.detach() if m.weight is not None else torch.ones(c)
-            be = m.bias.detach() if m.bias is not None else torch.zeros(c)
-            arrs = [t.to(torch.float32).cpu().numpy() for t in (g, be, m.running_mean, m.running_var)]
-            ins = [x] + [b.init(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), arrs)]
-            return self.set(b.node("BatchNormalization", ins, name, epsilon=float(m.eps)), n)
+            return self.running_norm(n, x, m)
         if isinstance(m, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
             return self.instance_norm(n, x, m)
         if isinstance(m, nn.GroupNorm):
@@ -461,15 +456,20 @@ class Translator:
         one = b.node("Add", [t, b.const(1.0)], n.name)
         return self.set(b.node("Mul", [b.node("Mul", [x, one], n.name), b.const(0.5)], n.name), n)
 
+    def running_norm(self, n: fx.Node, x: str, m: nn.Module) -> str:
+        """A BatchNormalization node from a norm's affine parameters and running statistics."""
+        b, name = self.b, str(n.target)
+        c = m.num_features
+        g = m.weight.detach() if m.weight is not None else torch.ones(c)
+        be = m.bias.detach() if m.bias is not None else torch.zeros(c)
+        arrs = [t.to(torch.float32).cpu().numpy() for t in (g, be, m.running_mean, m.running_var)]
+        ins = [x] + [b.init(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), arrs)]
+        return self.set(b.node("BatchNormalization", ins, name, epsilon=float(m.eps)), n)
+
     def instance_norm(self, n: fx.Node, x: str, m: nn.Module) -> str:
         b, name = self.b, str(n.target)
         if m.track_running_stats and m.running_mean is not None:  # eval uses the running statistics
-            c = m.num_features
-            g = m.weight.detach() if m.weight is not None else torch.ones(c)
-            be = m.bias.detach() if m.bias is not None else torch.zeros(c)
-            arrs = [t.to(torch.float32).cpu().numpy() for t in (g, be, m.running_mean, m.running_var)]
-            ins = [x] + [b.init(f"{name}.{k}", a) for k, a in zip(("weight", "bias", "mean", "var"), arrs)]
-            return self.set(b.node("BatchNormalization", ins, name, epsilon=float(m.eps)), n)
+            return self.running_norm(n, x, m)
         c = self.shape(n)[1]
         g = m.weight.detach() if m.weight is not None else torch.ones(c)
         be = m.bias.detach() if m.bias is not None else torch.zeros(c)
