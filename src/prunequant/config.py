@@ -66,7 +66,9 @@ class TrainConfig(_Strict):
     seed: int = Field(0, ge=0)
     device: Literal["cpu", "cuda", "auto"] = "auto"
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: all cores)")
-    dense_checkpoint: str | None = Field(None, description="load dense weights instead of training")
+    dense_checkpoint: str | None = Field(
+        None, description="load dense weights (a run's dense.pt) instead of training; the compression "
+        "phase is then the same as in the run that wrote it")
     progress: bool = True
 
 

@@ -69,6 +69,13 @@ def test_dense_checkpoint_is_reused(tmp_path: Path) -> None:
     again = run(_cfg(dense_checkpoint=str(tmp_path / "a" / "dense.pt")), tmp_path / "b")
     assert again["steps"]["dense"] == 0
     assert again["phases"]["dense"]["accuracy"] == pytest.approx(first["phases"]["dense"]["accuracy"])
+    # The compression phase does not depend on how the dense weights arrived: same batches, same
+    # random state, hence the same compressed model, bit for bit.
+    a = torch.load(tmp_path / "a" / "masked.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "masked.pt", weights_only=True)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert again["phases"]["final"] == first["phases"]["final"]
 
 
 @pytest.mark.skipif(

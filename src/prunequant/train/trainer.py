@@ -71,6 +71,21 @@ def load_data(cfg: RunConfig, log: Callable[[str], None] = print) -> DataBundle:
         raise
 
 
+def _rng_state() -> tuple[Any, ...]:
+    """The python, numpy and torch (CPU and CUDA) random states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Any, ...]) -> None:
+    py, npy, cpu, cuda = state
+    random.setstate(py)
+    np.random.set_state(npy)
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
     """Endless iterator over epochs of ``loader``."""
     while True:
@@ -265,8 +280,14 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
             def dense_name() -> str:
                 return f"dense epoch {min(bar.bar.n // spe + 1, math.ceil(ep))}/{math.ceil(ep)}"
 
+            rng = _rng_state()
             _train_steps(model, batches, dense_steps, cfg.train.lr, cfg, device, bar, dense_name)
             atomic_torch_save(model.state_dict(), out / "dense.pt")
+            # Compression starts from the random state (and the loader's first epoch) that a run
+            # loading this dense.pt through train.dense_checkpoint starts from: the two are the same run.
+            _set_rng_state(rng)
+            g.manual_seed(cfg.train.seed)
+            batches = _batches(loader)
         timings["dense_s"] = time.time() - t
         bar.phase("evaluating dense")
         results["phases"]["dense"] = _phase_result(model, data, example, device, cfg)
