@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,12 @@ def test_from_yaml_syntax_and_shape_errors(tmp_path, text, match):
     path.write_text(text)
     with pytest.raises(RecipeError, match=match):
         Recipe.from_yaml(path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_recipe_files_validate(path):
+    from prunequant.config import RunConfig
+
+    cfg = RunConfig.from_yaml(path)
+    assert cfg.recipe is not None and cfg.recipe.prune is not None and cfg.recipe.quant is not None
