@@ -33,12 +33,11 @@ from prunequant.utils import atomic_write_json
 
 
 def load(run: Path) -> dict[str, float]:
-    """Dense / final test and validation accuracy of one finished run folder."""
+    """Dense and final test accuracy, final validation accuracy and seed of one finished run folder."""
     rep = json.loads((run / "report.json").read_text())
     ph = rep["phases"]
     return {"dense": ph["dense"]["accuracy"], "final": ph["final"]["accuracy"],
-            "dense_val": ph["dense"].get("val_accuracy"), "final_val": ph["final"].get("val_accuracy"),
-            "seed": rep["config"]["train"]["seed"]}
+            "final_val": ph["final"].get("val_accuracy"), "seed": rep["config"]["train"]["seed"]}
 
 
 def _sd(xs: list[float]) -> float:
