@@ -1,5 +1,8 @@
 """Packed checkpoint size versus ``measure()``'s weight memory, plain and with ``fold_bn=True``.
 
+Two references: ``weight_mbit`` (the paper's b bits x remaining weights) and ``deploy_weight_mbit``
+(those plus the float32 scale and bias per channel that integer inference keeps).
+
 For each model (CIFAR-shaped 3x32x32 input, width 1.0, calibrated and shrunk exactly as in
 ``export_latency.py``: sizes do not depend on training) and bit-width, the script encodes the packed
 checkpoint plainly and in the folded deployment form and reports the bytes of each part.
@@ -11,7 +14,7 @@ their argmax agreement over the whole test set: the cost of folding, measured on
 Usage (the numbers in docs/export.md)::
 
     .venv/bin/python benchmarks/packed_size.py --models resnet20 mobilenetv2 vgg_small \
-        --run runs/bench_main --out runs/packed_size
+        --bits 8,8 4,4 2,8 --run runs/bench_main --out runs/packed_size
 """
 
 from __future__ import annotations
@@ -33,10 +36,13 @@ from prunequant.utils import atomic_write_json  # noqa: E402
 
 
 def size_row(model: torch.nn.Module, x: torch.Tensor, fold: bool) -> dict:
-    """Bytes of each part of the packed file, and the overhead beyond measure()'s weight memory."""
+    """Bytes of each part of the packed file, and the overhead beyond measure()'s weight memory (b-bit
+    weights) and beyond its deployed weight memory (plus float32 scales and biases)."""
     rep = packed_size_report(encode_packed(model, example_input=x, fold_bn=fold))
-    weight = measure(model, x).weight_mbit * 1e6 / 8
-    return {**rep, "weight_memory": weight, "overhead_pct": 100.0 * (rep["total"] - weight) / weight}
+    m = measure(model, x)
+    weight, deploy = m.weight_mbit * 1e6 / 8, m.deploy_weight_mbit * 1e6 / 8
+    return {**rep, "weight_memory": weight, "overhead_pct": 100.0 * (rep["total"] - weight) / weight,
+            "deploy_weight_memory": deploy, "deploy_overhead_pct": 100.0 * (rep["total"] - deploy) / deploy}
 
 
 def trained_run(run_dir: Path) -> dict:
@@ -82,23 +88,28 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"models": []}
-    print("| model | bits | weight memory (measure) | plain file | overhead | fold_bn file | overhead |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| model | bits | weight_mbit (B) | deploy_weight_mbit (B) | plain file | over weight / deploy | "
+          "fold_bn file | over weight / deploy |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for name in args.models:
         for bits in args.bits:
             wb, ab = (int(v) for v in bits.split(","))
             _, small, x = calibrated(name, wb, ab, args.sparsity, batch=8, seed=0)
             plain, fold = size_row(small, x[:1], False), size_row(small, x[:1], True)
             result["models"].append({"model": name, "bits": [wb, ab], "plain": plain, "folded": fold})
-            print(f"| {name} | W{wb}A{ab} | {plain['weight_memory']:,.0f} B | {plain['total']:,} B | "
-                  f"{plain['overhead_pct']:.1f} % | {fold['total']:,} B | {fold['overhead_pct']:.1f} % |",
-                  flush=True)
+            cells = [name, f"W{wb}A{ab}", f"{plain['weight_memory']:,.0f}",
+                     f"{plain['deploy_weight_memory']:,.0f}"]
+            for r in (plain, fold):
+                cells += [f"{r['total']:,}", f"{r['overhead_pct']:.1f} % / {r['deploy_overhead_pct']:.1f} %"]
+            print("| " + " | ".join(cells) + " |", flush=True)
     if args.run is not None:
         r = trained_run(args.run)
         result["run"] = r
         p, f, acc = r["plain"], r["folded"], r["test_accuracy"]
-        print(f"\n{args.run}: weight memory {p['weight_memory']:,.0f} B; plain {p['total']:,} B "
-              f"({p['overhead_pct']:.1f} %), fold_bn {f['total']:,} B ({f['overhead_pct']:.1f} %); "
+        print(f"\n{args.run}: weight memory {p['weight_memory']:,.0f} B, "
+              f"deployed {p['deploy_weight_memory']:,.0f} B; "
+              f"plain {p['total']:,} B ({p['overhead_pct']:.1f} % / {p['deploy_overhead_pct']:.1f} %), "
+              f"fold_bn {f['total']:,} B ({f['overhead_pct']:.1f} % / {f['deploy_overhead_pct']:.1f} %); "
               f"test accuracy trained {acc['trained']:.2f} %, folded {acc['folded']:.2f} %, "
               f"argmax agreement {r['argmax_agreement']:.2f} % on {r['test_images']:,} images")
     atomic_write_json(args.out / "packed_size.json", result)

@@ -103,12 +103,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "packed":
         from .metrics.measure import measure
 
-        weight_bytes = measure(model, x).weight_mbit * 1e6 / 8
+        m = measure(model, x)
+        weight_bytes = m.weight_mbit * 1e6 / 8
+        deploy_bytes = m.deploy_weight_mbit * 1e6 / 8
         rep = ex.packed_size_report(path)
-        print(f"weight memory (measure): {weight_bytes:,.0f} bytes; file overhead beyond it: "
-              f"{100 * (rep['total'] - weight_bytes) / weight_bytes:.1f} % (scales {rep['weight_scales']:,}, "
+        print(f"weight memory (measure): {weight_bytes:,.0f} bytes of b-bit weights + "
+              f"{deploy_bytes - weight_bytes:,.0f} bytes of float32 scales and biases (folded form) = "
+              f"{deploy_bytes:,.0f} bytes; file overhead beyond the b-bit weights "
+              f"{100 * (rep['total'] - weight_bytes) / weight_bytes:.1f} %, beyond weights + scales and "
+              f"biases "
+              f"{100 * (rep['total'] - deploy_bytes) / deploy_bytes:.1f} % (scales {rep['weight_scales']:,}, "
               f"activation parameters {rep['activation_params']:,}, other tensors {rep['other_tensors']:,}, "
               f"record {rep['record']:,}, header {rep['header']} bytes)")
+        if not args.fold_bn and any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
+                                    for mod in model.modules()):
+            print("BatchNorm is stored unfolded (4 float32 per channel); --fold-bn stores the deployment "
+                  "form (one bias per channel)")
     return 0
 
 

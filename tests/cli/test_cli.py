@@ -121,11 +121,13 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
         e = _run_cli(["export", str(out), "--format", fmt], tmp_path)
         assert e.returncode == 0, e.stderr
         assert (out / name).stat().st_size > 0
+        if fmt == "packed":  # the plain file keeps BatchNorm whole; the output says how to fold it
+            assert "scales and biases" in e.stdout and "--fold-bn" in e.stdout
     # The folded packed form is smaller; QONNX refuses --fold-bn with a message, not a traceback.
     f = _run_cli(["export", str(out), "--format", "packed", "--fold-bn", "--output", str(out / "f.pqpack")],
                  tmp_path)
     assert f.returncode == 0, f.stderr
-    assert "weight memory (measure)" in f.stdout
+    assert "weight memory (measure)" in f.stdout and "--fold-bn" not in f.stdout
     assert (out / "f.pqpack").stat().st_size < (out / "model.pqpack").stat().st_size
     q = _run_cli(["export", str(out), "--format", "qonnx", "--fold-bn"], tmp_path)
     assert q.returncode == 2 and "fold_bn" in q.stderr and "Traceback" not in q.stderr

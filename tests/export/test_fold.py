@@ -112,11 +112,11 @@ def test_version_1_files_still_load():
 
 
 @functools.cache
-def _cifar_resnet20(wb: int, ab: int):
-    """ResNet-20 at full width on 3x32x32 inputs, 50 % of the block-internal channels removed and shrunk
+def _cifar(name: str, wb: int, ab: int):
+    """A zoo model at full width on 3x32x32 inputs, 50 % of the prunable channels removed and shrunk
     (sizes depend on shapes and bits only, so a few calibration steps on noise suffice)."""
     torch.manual_seed(0)
-    make = functools.partial(build_model, "resnet20", num_classes=10, in_channels=3, image_size=32)
+    make = functools.partial(build_model, name, num_classes=10, in_channels=3, image_size=32)
     x = torch.randn(8, 3, 32, 32)
     comp = Compressor(make(), {
         "ordering": "joint",
@@ -130,22 +130,32 @@ def _cifar_resnet20(wb: int, ab: int):
     return comp.finalize(), x[:2], make
 
 
-def test_folded_file_within_five_percent_for_resnet20_w8(tmp_path):
-    """ResNet-20 (CIFAR shape, width 1, 50 % pruned) at W8A8: the folded file is within 5 % of
-    measure()'s weight memory plus the header. At W4 it is not, and cannot be with 8 bytes of
-    float32 scale and bias per channel (docs/export.md gives the arithmetic)."""
-    model, ex, make = _cifar_resnet20(8, 8)
-    path = save_packed(model, tmp_path / "r20.pqpack", fold_bn=True)
-    weight_bytes = measure(model, ex).weight_mbit * 1e6 / 8
+@pytest.mark.parametrize(("name", "wb", "ab"), [("resnet20", 8, 8), ("resnet20", 4, 4), ("resnet20", 2, 8),
+                                                ("mobilenetv2", 4, 4), ("mobilenetv2", 2, 8)])
+def test_folded_file_within_five_percent_of_deployed_weight_memory(tmp_path, name, wb, ab):
+    """The folded file is within 5 % (+ the 32-byte header) of measure()'s ``deploy_weight_mbit``:
+    the b-bit weights plus the float32 scale and bias per channel that integer inference keeps.
+
+    Against ``weight_mbit`` alone (the paper's b x #weights) it is not at 4 and 2 bits: 8 bytes of
+    scale and bias per channel exceed 5 % of a channel with fewer than 1,280 weight bits
+    (docs/export.md). The plain file, with 20 bytes of float32 per BatchNorm channel, is over 5 % of
+    both."""
+    model, ex, make = _cifar(name, wb, ab)
+    path = save_packed(model, tmp_path / f"{name}.pqpack", fold_bn=True)
+    m = measure(model, ex)
+    deploy_bytes = m.deploy_weight_mbit * 1e6 / 8
+    weight_bytes = m.weight_mbit * 1e6 / 8
     size = path.stat().st_size
-    assert size <= 1.05 * weight_bytes + HEADER_BYTES, (size, weight_bytes)
-    assert packed_size_report(path)["record"] < 1000
+    assert size <= 1.05 * deploy_bytes + HEADER_BYTES, (size, deploy_bytes)
+    assert size >= weight_bytes  # nothing is missing: the packed codes alone are the paper's memory
+    assert packed_size_report(path)["record"] < 0.02 * size  # the JSON record is small next to the data
+    if wb <= 4:
+        assert size > 1.05 * weight_bytes + HEADER_BYTES  # the per-channel bound above, not padding
     loaded = load_packed(path, make)
     with torch.no_grad():
         assert torch.equal(fold_batchnorm(model).eval()(ex), loaded(ex))
-    # unfolded, the same model is over 5 % (20 bytes of float32 per BatchNorm channel)
     plain = save_packed(model, tmp_path / "plain.pqpack").stat().st_size
-    assert plain > 1.05 * weight_bytes + HEADER_BYTES
+    assert plain > 1.05 * deploy_bytes + HEADER_BYTES
 
 
 def test_conv_bias_is_absorbed_into_the_folded_bias(tmp_path):

@@ -67,6 +67,25 @@ def test_zoo_params_equal_numel_and_instrumented_dense_model_measures_the_same(n
     assert comp.model.training  # measure restores the mode
 
 
+@pytest.mark.parametrize(
+    ("model", "numbers"),
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4)), 4),  # bias folds into the BN's
+        (nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4)), 4),
+        (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3, bias=True)), 2 * 3 + 4),  # BN on the input
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), 4 + 2 * 4),  # BN after the ReLU
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.GroupNorm(2, 4)), 4 + 2 * 4),  # GroupNorm does not fold
+        (nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.InstanceNorm2d(4)), 0),  # no stored numbers
+    ],
+    ids=["conv-bias-bn", "conv-bn", "bn-conv", "conv-relu-bn", "conv-groupnorm", "conv-instancenorm"],
+)
+def test_float_scale_bias_counts_biases_and_norm_parameters(model, numbers):
+    """Float layers have no scales; biases and norm parameters count as in the folded form."""
+    m = measure(model, torch.randn(2, 3, 6, 6))
+    assert m.scale_bias_mbit == pytest.approx(numbers * 32 / 1e6)
+    assert m.deploy_weight_mbit == pytest.approx(m.weight_mbit + numbers * 32 / 1e6)
+
+
 # ---------------------------------------------------------------------------------- compressed models
 class Small(nn.Module):
     """conv(3->8)-bn-relu -> conv(8->6, bias)-relu -> maxpool 2 -> flatten -> linear(6*4*4 -> 10)."""
@@ -151,6 +170,14 @@ def test_compressed_small_model_by_hand():
     assert m.bops == sum(macs.values()) * b * b
     # params: pruned weights, bn1 affine (2 per kept channel), conv2 bias per kept channel, fc bias.
     assert m.params == weights["conv1"] + 2 * c1 + weights["conv2"] + c2 + weights["fc"] + 10
+    # scale_bias: per-channel scales of conv1 / conv2 (kept channels) and one for fc; bn1 folds into
+    # one bias per kept conv1 channel, conv2 keeps its bias, fc its 10; a range pair per activation
+    # quantizer (the inputs of conv1, conv2 and fc).
+    n_aq = sum(isinstance(q, ActQuantizer) and bool(q.enabled) for q in comp.model.modules())
+    assert n_aq == 3
+    numbers = (c1 + c1) + (c2 + c2) + (1 + 10) + 2 * n_aq
+    assert m.scale_bias_mbit == pytest.approx(numbers * 32 / 1e6)
+    assert m.deploy_weight_mbit == pytest.approx(m.weight_mbit + m.scale_bias_mbit)
     by_name = {r.name: r for r in m.layers}
     for name in macs:
         r = by_name[name]
@@ -210,6 +237,11 @@ def test_depthwise_tied_to_its_site():
     # bn1 and bn2 (tied) keep k1 channels, bn3 keeps k2: 2 affine parameters each.
     n_w = k1 * 4 + k1 * 9 + k2 * k1 + k2 * 5
     assert m.params == n_w + 2 * k1 + 2 * k1 + 2 * k2 + 5
+    # scale_bias: every conv has per-channel scales and a BatchNorm that folds into one bias per
+    # kept channel; fc has one scale and 5 biases; a range pair per activation quantizer.
+    n_aq = sum(isinstance(q, ActQuantizer) and bool(q.enabled) for q in comp.model.modules())
+    assert n_aq == 4
+    assert m.scale_bias_mbit == pytest.approx((2 * k1 + 2 * k1 + 2 * k2 + 1 + 5 + 2 * n_aq) * 32 / 1e6)
     assert m.weight_mbit == pytest.approx(n_w * 8 / 1e6)
 
 

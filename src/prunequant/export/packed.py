@@ -12,7 +12,7 @@ File layout (all integers little-endian)::
     32      R     record
     32+R    D     data: the stored tensors back to back, in the model's state-dict order, no padding
 
-The 32-byte header is the fixed overhead (:data:`HEADER_BYTES`). The record (a few hundred bytes
+The 32-byte header is the fixed overhead (:data:`HEADER_BYTES`). The record (0.4-2 kB
 compressed) holds the model class, the ``instrument()`` options, a hash of the pruning plan's
 structure, the pruning record (per site: original and kept channels and, for a masked model,
 which ones), whether the model was shrunk, the folded BatchNorms, every quantizer's bit-width, the

@@ -8,8 +8,10 @@
   start quantizing), ``timing`` (seconds), ``device``, ``threads``;
 * ``phases``: ``dense``, ``pruned`` (when pruning ran) and ``final``, each with ``accuracy`` (test,
   %), ``val_accuracy``, ``params``, ``macs``, ``bops``, ``weight_mbit``, ``act_mbit``,
-  ``memory_mbit``, ``density`` (accuracy % / Mbit), ``weight_bits`` and ``act_bits`` (bit-widths in
-  use; 32 = float);
+  ``memory_mbit``, ``density`` (accuracy % / Mbit), ``scale_bias_mbit`` and ``deploy_weight_mbit``
+  (the float32 scales and biases a deployed model keeps beside its weights, and the sum: see
+  :mod:`prunequant.metrics.measure`), ``weight_bits`` and ``act_bits`` (bit-widths in use; 32 =
+  float);
 * ``layers``: per pruned layer ``name``, ``channels_before``, ``channels_after``,
   ``target_sparsity``, ``tied`` (depthwise convs that lose the same channels);
 * ``skipped``: activations that were not pruned, with the reason.
