@@ -114,6 +114,9 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
     )
     summary = (out / "summary.md").read_text()
     assert "pruned + quantized" in summary and "dense FP32" in summary
+    final = json.loads((out / "report.json").read_text())["phases"]["final"]
+    assert final["deploy_weight_mbit"] > final["weight_mbit"] > 0
+    assert f"{final['deploy_weight_mbit']:.3f} Mbit" in summary
     for png in ("channels.png", "accuracy_memory.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Export the finished run in every format; the QDQ file runs in ONNX Runtime.

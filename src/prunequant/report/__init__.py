@@ -58,6 +58,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"{ph['bops']:.3g} | {ph['weight_mbit']:.3f} | {ph['act_mbit']:.3f} | {ph['memory_mbit']:.3f} | "
             f"{ph['density']:.2f} | {_fmt_bits(ph['weight_bits'])} | {_fmt_bits(ph['act_bits'])} |"
         )
+    final = results["phases"].get("final", {})
+    if final.get("deploy_weight_mbit"):
+        lines += ["", f"Memory follows the paper (b bits per weight and activation). Deployed, the final "
+                      f"model's weights also need their float32 scales and biases: "
+                      f"{final['weight_mbit']:.3f} + {final['scale_bias_mbit']:.3f} = "
+                      f"{final['deploy_weight_mbit']:.3f} Mbit "
+                      "(`prunequant export --format packed --fold-bn`)."]
     if results.get("layers"):
         lines += [
             "",
