@@ -101,6 +101,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise RecipeError(str(e)) from None
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if args.format == "packed":
+        from .graph.discover import NORM_TYPES
         from .metrics.measure import measure
 
         m = measure(model, x)
@@ -115,8 +116,7 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{100 * (rep['total'] - deploy_bytes) / deploy_bytes:.1f} % (scales {rep['weight_scales']:,}, "
               f"activation parameters {rep['activation_params']:,}, other tensors {rep['other_tensors']:,}, "
               f"record {rep['record']:,}, header {rep['header']} bytes)")
-        if not args.fold_bn and any(isinstance(mod, torch.nn.modules.batchnorm._BatchNorm)
-                                    for mod in model.modules()):
+        if not args.fold_bn and any(isinstance(mod, NORM_TYPES) for mod in model.modules()):
             print("BatchNorm is stored unfolded (4 float32 per channel); --fold-bn stores the deployment "
                   "form (one bias per channel)")
     return 0

@@ -13,8 +13,9 @@ Definitions (per sample, i.e. batch size 1):
 * ``memory_mbit = weight_mbit + act_mbit``; performance ``density = metric / memory_mbit``.
 
 These are the paper's definitions. A deployed integer model also keeps a few float32 numbers per
-channel beside its b-bit weights, which ``weight_mbit`` leaves out; for small, BatchNorm-heavy nets
-at 4 bits they are 5-15 % of it (docs/export.md), so they are reported separately:
+channel beside its b-bit weights, which ``weight_mbit`` leaves out; for BatchNorm-heavy nets at low
+bit-widths they are not small (ResNet-20 / MobileNetV2 pruned to 50 %: 7-27 % of ``weight_mbit`` at 4
+and 2 bits, docs/export.md), so they are reported separately:
 
 * ``scale_bias_mbit``: those numbers in the folded form integer inference uses (what
   ``save_packed(..., fold_bn=True)`` writes), 32 bits each: one scale per quantized weight channel
