@@ -111,9 +111,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"weight memory (measure): {weight_bytes:,.0f} bytes of b-bit weights + "
               f"{deploy_bytes - weight_bytes:,.0f} bytes of float32 scales and biases (folded form) = "
               f"{deploy_bytes:,.0f} bytes; file overhead beyond the b-bit weights "
-              f"{100 * (rep['total'] - weight_bytes) / weight_bytes:.1f} %, beyond weights + scales and "
-              f"biases "
-              f"{100 * (rep['total'] - deploy_bytes) / deploy_bytes:.1f} % (scales {rep['weight_scales']:,}, "
+              f"{100 * (rep['total'] - weight_bytes) / weight_bytes:.1f} %, "
+              f"beyond weights + scales and biases {100 * (rep['total'] / deploy_bytes - 1):.1f} % "
+              f"(scales {rep['weight_scales']:,}, "
               f"activation parameters {rep['activation_params']:,}, other tensors {rep['other_tensors']:,}, "
               f"record {rep['record']:,}, header {rep['header']} bytes)")
         if not args.fold_bn and any(isinstance(mod, NORM_TYPES) for mod in model.modules()):

@@ -157,13 +157,12 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
         name = names[mod]
         kept = round(_norm_channels(mod) * norm_frac.get(name, 1.0))
         src = layer_out.get((x.data_ptr(), tuple(x.shape)))
-        if src is not None and isinstance(mod, NORM_TYPES) and mod.track_running_stats:
+        running = isinstance(mod, NORM_TYPES) and mod.track_running_stats
+        if src is not None and running:
             folded_into.add(src)
             norm_numbers[name] = kept  # folds into the layer's scale; one bias per channel
-        elif getattr(mod, "affine", getattr(mod, "elementwise_affine", True)) and _norm_channels(mod):
+        elif mod.affine or running:  # a scale and a shift per channel (from running stats if not affine)
             norm_numbers[name] = 2 * kept
-        elif isinstance(mod, NORM_TYPES) and mod.track_running_stats:
-            norm_numbers[name] = 2 * kept  # non-affine BatchNorm: still a scale and shift from running stats
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
     handles += [m.register_forward_hook(norm_hook) for m in model.modules() if isinstance(m, SIDE_NORM_TYPES)]
@@ -196,16 +195,14 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
             if m.bias is not None:
                 params += round(m.bias.numel() * r.out_fraction)
                 counted.add(id(m.bias))
+                if n not in folded_into:  # one bias per remaining channel unless a BatchNorm absorbs it
+                    r.scale_bias += round(m.bias.numel() * r.out_fraction)
         elif n in norm_frac:
             for p in m.parameters(recurse=False):
                 params += round(p.numel() * norm_frac[n])
                 counted.add(id(p))
     params += sum(p.numel() for p in model.parameters() if id(p) not in counted)
 
-    # One bias per remaining output channel of a layer with a bias that no BatchNorm absorbs.
-    for n, m in model.named_modules():
-        if isinstance(m, LAYER_TYPES) and n in by_name and m.bias is not None and n not in folded_into:
-            by_name[n].scale_bias += round(m.bias.numel() * by_name[n].out_fraction)
     numbers = sum(r.scale_bias for r in records) + sum(norm_numbers.values()) + 2 * len(aq_bits)
     sbmbit = numbers * FLOAT_BITS / 1e6
 
