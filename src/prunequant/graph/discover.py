@@ -975,6 +975,7 @@ def instrument(
     example_input: torch.Tensor | None = None,
     act_percentile: float | None = None,
     weight_clip: str = "max",
+    weight_range: str = "full",
 ) -> tuple[fx.GraphModule, Plan]:
     """Trace ``model`` and insert masks (when ``prune_stat`` is not None) and quantizers.
 
@@ -991,6 +992,8 @@ def instrument(
             :class:`~prunequant.quant.quantizers.ActQuantizer`).
         weight_clip: ``"max"`` (the paper's weight scale) or ``"mse"`` (MSE-optimal clipped max, see
             :class:`~prunequant.quant.quantizers.WeightQuantizer`).
+        weight_range: ``"full"`` b-bit weight codes or ``"reduced"`` (b-1)-bit codes in b-bit
+            containers, for integer kernels that would saturate (see ``prunequant.export.cpu``).
         example_input: a batch used to record tensor shapes; needed to follow channels through
             concatenations, splits and views (without it those activations are not pruned).
     """
@@ -1002,6 +1005,8 @@ def instrument(
         if weight_clip not in WEIGHT_CLIPS:
             raise ValueError(f"weight_clip must be one of {list(WEIGHT_CLIPS)}, got {weight_clip!r}")
         options["weight_clip"] = weight_clip
+    if weight_range != "full":  # recorded only when used, like the two above
+        options["weight_range"] = weight_range
     gm = trace(model, exclude)
     graph = gm.graph
     sites: list[Site] = []
@@ -1059,7 +1064,8 @@ def instrument(
             axis = 1 if info.kind == "convT" else 0
             channels = None if info.kind == "linear" else m.weight.shape[axis]
             parametrize.register_parametrization(
-                m, "weight", WeightQuantizer(info.weight_bits, channels, axis, power_of_two, weight_clip),
+                m, "weight", WeightQuantizer(info.weight_bits, channels, axis, power_of_two, weight_clip,
+                                                weight_range),
                 unsafe=True,
             )
         if info.act_bits is not None:

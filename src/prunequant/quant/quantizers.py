@@ -35,6 +35,8 @@ def check_bits(bits: int, field: str = "bits") -> int:
 
 #: weight-scale statistics: the paper's max, or the MSE-optimal clipped max.
 WEIGHT_CLIPS = ("max", "mse")
+#: weight code ranges: ``full`` b-bit codes, or ``reduced`` (b-1)-bit codes inside b-bit containers.
+WEIGHT_RANGES = ("full", "reduced")
 #: candidate clip ratios for ``clip="mse"``: 0.50, 0.52, ..., 1.00.
 CLIP_RATIOS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))
 
@@ -121,15 +123,26 @@ class WeightQuantizer(nn.Module):
         power_of_two: round the scale to the nearest power of two (shift-only hardware).
         clip: ``"max"`` (the paper's ``max|W_c| / 2**(b-1)``) or ``"mse"`` (that scale times the
             ratio in :data:`CLIP_RATIOS` that minimizes the channel's quantization error at this step).
+        weight_range: ``"full"`` (codes in ``[-2**(b-1), 2**(b-1)-1]``) or ``"reduced"``: codes of
+            ``b-1`` bits, ``[-2**(b-2), 2**(b-2)-1]``, stored in a b-bit container (scale
+            ``max|W_c| / 2**(b-2)``). At 8 bits that is ``|q| <= 64``, which integer u8s8 kernels
+            without VNNI sum without 16-bit saturation (see ``prunequant.export.cpu``). Needs
+            ``bits >= 3``.
     """
 
     def __init__(self, bits: int, channels: int | None = None, axis: int = 0, power_of_two: bool = False,
-                 clip: str = "max"):
+                 clip: str = "max", weight_range: str = "full"):
         super().__init__()
         self.bits = check_bits(bits, "weight_bits")
         if clip not in WEIGHT_CLIPS:
             raise ValueError(f"weight_clip must be one of {list(WEIGHT_CLIPS)}, got {clip!r}")
+        if weight_range not in WEIGHT_RANGES:
+            raise ValueError(f"weight_range must be one of {list(WEIGHT_RANGES)}, got {weight_range!r}")
+        if weight_range == "reduced" and self.bits < 3:
+            raise ValueError(f"weight_range 'reduced' needs weight_bits >= 3 (its codes have one bit less), "
+                             f"got {self.bits}")
         self.clip = clip
+        self.weight_range = weight_range
         self.axis = axis
         self.power_of_two = bool(power_of_two)
         n = 1 if channels is None else int(channels)
@@ -139,21 +152,27 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("enabled", torch.zeros((), dtype=torch.bool))
 
     @property
+    def code_bits(self) -> int:
+        """Bits of the integer codes: ``bits``, or ``bits - 1`` for ``weight_range="reduced"``."""
+        return self.bits - (self.weight_range == "reduced")
+
+    @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1))
+        return -(2 ** (self.code_bits - 1))
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1
+        return 2 ** (self.code_bits - 1) - 1
 
     def _current_stat(self, w: Tensor) -> Tensor:
-        """``max|W_c| / 2**(b-1)`` per channel (or per tensor), times the MSE clip ratio if ``clip="mse"``."""
+        """``max|W_c| / 2**(c-1)`` per channel (or per tensor; ``c`` = :attr:`code_bits`), times the MSE
+        clip ratio if ``clip="mse"``."""
         w = w.detach()
         if self.per_channel:
             rows = w.movedim(self.axis, 0).reshape(w.shape[self.axis], -1)
         else:
             rows = w.reshape(1, -1)
-        s = rows.abs().amax(dim=1).to(torch.float64) / 2 ** (self.bits - 1)
+        s = rows.abs().amax(dim=1).to(torch.float64) / 2 ** (self.code_bits - 1)
         if self.clip == "mse":
             s = s * mse_clip_ratio(rows, s, self.qmin, self.qmax)
         return s
@@ -199,7 +218,8 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = f"per_channel(axis={self.axis})" if self.per_channel else "per_tensor"
         clip = "" if self.clip == "max" else f", clip={self.clip}"
-        return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}{clip}"
+        rng = "" if self.weight_range == "full" else f", weight_range={self.weight_range}"
+        return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}{clip}{rng}"
 
 
 class ActQuantizer(nn.Module):

@@ -100,6 +100,7 @@ class Compressor:
             layer_bits=layer_bits,
             act_percentile=q.act_percentile if q else None,
             weight_clip=q.weight_clip if q else "max",
+            weight_range=q.weight_range if q else "full",
             example_input=example_input,
         )
         self.model.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
