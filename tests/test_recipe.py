@@ -103,7 +103,7 @@ def test_valid_recipes_and_defaults():
     r = Recipe.from_dict(None)
     assert isinstance(r.prune, PruneConfig) and isinstance(r.quant, QuantConfig)
     assert (r.prune.sparsity, r.prune.importance, r.prune.schedule) == (0.5, "a_l1", "layerwise")
-    assert (r.quant.weight_bits, r.quant.act_bits) == (8, 8)
+    assert (r.quant.weight_bits, r.quant.act_bits, r.quant.first_last_bits) == (4, 4, 8)
     assert r.ordering == "prune_then_quantize"
     per_layer = {"fc*": {"weight_bits": None, "act_bits": 8}}
     r = Recipe.from_dict({"prune": None, "quant": {"weight_bits": 2, "act_bits": 16, "per_layer": per_layer}})

@@ -8,7 +8,7 @@ layers are already pruned) combined with statistics-based uniform quantization-a
 from .graph.discover import GraphError, Plan, Site
 from .metrics.measure import Measurement, measure
 from .recipe import LayerBits, PruneConfig, QuantConfig, Recipe, RecipeError
-from .train.compressor import Compressor, Timeline
+from .train.compressor import Compressor, ScheduleError, Timeline
 
 __version__ = "0.1.0"
 
@@ -26,6 +26,6 @@ def __getattr__(name: str):
 
 __all__ = [
     "Compressor", "GraphError", "LayerBits", "Measurement", "Plan", "PruneConfig", "QuantConfig",
-    "Recipe", "RecipeError", "Site", "Timeline", "export_onnx", "load_packed", "measure", "save_packed",
+    "Recipe", "RecipeError", "ScheduleError", "Site", "Timeline", "export_onnx", "load_packed", "measure", "save_packed",
     "__version__",
 ]

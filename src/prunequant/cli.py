@@ -1,6 +1,7 @@
 """Command line: ``prunequant run [--config recipe.yaml] [--out DIR] [--set key=value ...]``.
 
-With no arguments, runs the embedded default recipe (see ``prunequant.config.default_config``).
+With no arguments, runs the default run (``prunequant.config.default_config()``, which is
+``RunConfig()``); a ``--config`` file changes exactly the fields it names.
 Configuration problems print one clear message (the field and what is allowed) and exit with 2.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import RunConfig, default_config
+from .config import RunConfig
 from .data import DatasetError
 from .graph.discover import GraphError
 from .recipe import RecipeError, load_yaml
@@ -33,7 +34,7 @@ def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
 
 def build_config(config: str | None, overrides: list[str]) -> RunConfig:
     """The run configuration: the file (or the embedded default) with ``--set`` overrides applied."""
-    data = load_yaml(config) if config else default_config().to_dict()
+    data = load_yaml(config) if config else {}  # one set of defaults: RunConfig's field defaults
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set expects key=value (e.g. recipe.prune.sparsity=0.75), got {item!r}")

@@ -7,6 +7,8 @@ field (as a dotted path) and what is allowed, e.g.
 
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,12 +64,21 @@ class LayerBits(_Strict):
 
 
 class QuantConfig(_Strict):
-    """Uniform quantization-aware training (METHOD section 5)."""
+    """Uniform quantization-aware training (METHOD section 5).
 
-    weight_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
-    act_bits: int = Field(8, ge=MIN_BITS, le=MAX_BITS)
+    The defaults are the embedded default run's (W4A4, the network input and the last layer at 8
+    bits): one set of defaults for the library, ``prunequant run`` and every recipe file.
+    """
+
+    weight_bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS)
+    act_bits: int = Field(4, ge=MIN_BITS, le=MAX_BITS)
+    first_last_bits: int | None = Field(
+        8, ge=MIN_BITS, le=MAX_BITS,
+        description="the network input (the input of the first layers) and the last layers (weights "
+                    "and input) use this many bits; null: they follow weight_bits / act_bits. "
+                    "quant.per_layer entries override it for the layers they match")
     unit: Literal["epochs", "steps"] = "epochs"
-    weight_delay: float = Field(0.5, ge=0.0, description="steps/epochs after quant start before W-quant")
+    weight_delay: float = Field(0.2, ge=0.0, description="steps/epochs after quant start before W-quant")
     act_delay: float = Field(0.05, ge=0.0, description="steps/epochs after quant start before A-quant")
     power_of_two: bool = False
     act_percentile: float | None = Field(
@@ -125,8 +136,37 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def format_validation_error(err: ValidationError, where: str = "") -> str:
-    """One line per problem: ``field.path: message (got value)``."""
+def did_you_mean(word: str, choices: Any, limit: int = 2) -> str:
+    """``" (did you mean 'x'?)"`` for the closest of ``choices`` by edit distance, or ``""``."""
+    from rapidfuzz import fuzz, process
+
+    hits = process.extract(str(word), [str(c) for c in choices], scorer=fuzz.ratio, limit=limit,
+                           score_cutoff=65)
+    if not hits:
+        return ""
+    return " (did you mean " + " or ".join(repr(h[0]) for h in hits) + "?)"
+
+
+def _fields_at(model_cls: type[BaseModel], loc: tuple) -> list[str]:
+    """The field names of the (nested) model at ``loc`` (the parent of an unknown key)."""
+    cls: Any = model_cls
+    for key in loc:
+        if typing.get_origin(cls) is dict:  # per_layer: {pattern: LayerBits}
+            cls = typing.get_args(cls)[1]
+            continue
+        fields = getattr(cls, "model_fields", None)
+        if not fields or key not in fields:
+            return []
+        cls = fields[key].annotation
+        if typing.get_origin(cls) in (typing.Union, types.UnionType):  # X | None
+            cls = next(a for a in typing.get_args(cls) if a is not type(None))
+    return list(getattr(cls, "model_fields", None) or {})
+
+
+def format_validation_error(err: ValidationError, where: str = "", model_cls: type[BaseModel] | None = None
+                            ) -> str:
+    """One line per problem: ``field.path: message (got value)``, with a "did you mean" for unknown
+    fields and for near misses of a fixed set of choices."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-"))
@@ -134,8 +174,14 @@ def format_validation_error(err: ValidationError, where: str = "") -> str:
         got = e.get("input")
         if e["type"] == "literal_error":
             msg = msg.replace("Input should be", "must be one of")
+            expected = (e.get("ctx") or {}).get("expected", "")
+            msg += did_you_mean(got, [c.strip(" '\"") for c in expected.replace(" or ", ",").split(",")
+                                      if c.strip(" '\"")])
         elif e["type"] == "extra_forbidden":
             msg = "unknown field"
+            fields = _fields_at(model_cls, tuple(e["loc"][:-1])) if model_cls is not None else []
+            hint = did_you_mean(e["loc"][-1], fields)
+            msg += hint or (f" (allowed: {', '.join(fields)})" if fields else "")
         else:
             msg = msg.replace("Input should be", "must be")
         shown = "" if e["type"] in ("missing",) or isinstance(got, dict) else f" (got {got!r})"
@@ -149,4 +195,4 @@ def validate(model_cls: type[BaseModel], data: Any, where: str = "") -> Any:
     try:
         return model_cls.model_validate(data)
     except ValidationError as e:
-        raise RecipeError(format_validation_error(e, where)) from None
+        raise RecipeError(format_validation_error(e, where, model_cls)) from None

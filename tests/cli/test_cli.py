@@ -69,8 +69,8 @@ def test_set_overrides_and_validation() -> None:
 
 
 def test_config_round_trip_keeps_per_layer_inheritance() -> None:
-    """The default's ``conv1: {act_bits: 8}`` must not turn into float weights on a round trip."""
-    cfg = build_config(None, [])
+    """A ``conv1: {act_bits: 8}`` entry must not turn into float weights on a round trip."""
+    cfg = build_config(None, ["recipe.quant.per_layer={conv1: {act_bits: 8}}"])
     assert cfg.recipe.quant.per_layer["conv1"].model_dump(exclude_unset=True) == {"act_bits": 8}
     again = RunConfig.from_dict(cfg.to_dict())
     assert again.recipe.quant.per_layer["conv1"].model_dump(exclude_unset=True) == {"act_bits": 8}
@@ -84,6 +84,26 @@ def test_default_config_is_the_documented_one() -> None:
     assert cfg.model.name == "resnet20" and cfg.data.name == "fashion_mnist"
     assert cfg.recipe.prune.schedule == "layerwise" and cfg.recipe.prune.importance == "a_l1"
     assert cfg.recipe.quant.weight_bits == 4 and cfg.recipe.quant.act_bits == 4
+
+
+def test_one_set_of_defaults_whatever_the_entry_point(tmp_path: Path) -> None:
+    """No --config, an empty YAML, a partial YAML, a dict and the listed default.yaml all agree."""
+    from importlib.resources import files
+
+    import yaml
+
+    listed = yaml.safe_load(files("prunequant").joinpath("recipes/default.yaml").read_text())
+    base = default_config().to_dict()
+    assert RunConfig.from_dict(listed).to_dict() == base == RunConfig().to_dict()
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    assert build_config(str(empty), []).to_dict() == build_config(None, []).to_dict() == base
+    partial = tmp_path / "partial.yaml"
+    partial.write_text("model: {name: vgg_small}\nrecipe: {prune: {sparsity: 0.75}}\n")
+    got = build_config(str(partial), []).to_dict()
+    assert got["model"]["name"] == "vgg_small" and got["recipe"]["prune"]["sparsity"] == 0.75
+    got["model"]["name"], got["recipe"]["prune"]["sparsity"] = "resnet20", 0.5
+    assert got == base  # everything it does not name is the default run's
 
 
 def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:

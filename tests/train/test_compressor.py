@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from prunequant import Compressor, RecipeError
+from prunequant import Compressor, RecipeError, ScheduleError
 from prunequant.graph.discover import raw_weight, weight_quantizer
 from prunequant.models import build_model
 from prunequant.quant.quantizers import ActQuantizer, WeightQuantizer
+from prunequant.recipe import QuantConfig
 
 IMG = 16
 
@@ -71,7 +72,8 @@ def _aqs(comp: Compressor) -> list[ActQuantizer]:
 
 
 PRUNE = {"unit": "steps", "start": 2, "interval": 3, "refresh": 1, "sparsity": 0.5}
-QUANT = {"unit": "steps", "weight_bits": 4, "act_bits": 4, "weight_delay": 3, "act_delay": 1}
+QUANT = {"unit": "steps", "weight_bits": 4, "act_bits": 4, "weight_delay": 3, "act_delay": 1,
+         "first_last_bits": None}
 
 
 # ----------------------------------------------------------------------------------------- orderings
@@ -157,7 +159,9 @@ def test_quant_only_recipe_with_default_delays_in_epochs():
     """act_delay 0.05 epoch rounds to step 0 with few steps per epoch: must construct and run."""
     comp = Compressor(_model(), {"prune": None, "quant": {"weight_bits": 8, "act_bits": 8}}, _example(),
                       steps_per_epoch=4)
-    assert comp.timeline.act_quant_at == 0 and comp.timeline.weight_quant_at == 2
+    default = QuantConfig()
+    assert comp.timeline.act_quant_at == round(default.act_delay * 4) == 0
+    assert comp.timeline.weight_quant_at == round(default.weight_delay * 4) > 0
     assert comp.plan.sites == []
     assert all(bool(a.enabled) for a in _aqs(comp))
     _train(comp, _data(3))
@@ -365,9 +369,12 @@ def test_finalize_freezes_everything():
                                  "ordering": "joint"}, _example())
     _train(comp, _data(PRUNE["start"] + 2))  # stop while the first layer still collects
     assert not comp.pruning_done
-    model = comp.finalize(shrink=False)  # the masked model, frozen in place
+    with pytest.raises(ScheduleError, match=r"finalize\(\) at step 4.*4 of 4 layers not pruned.*allow_incomplete"):
+        comp.finalize()
+    assert not any(bool(m.frozen) for m in _masks(comp))  # the refusal changed nothing
+    model = comp.finalize(shrink=False, allow_incomplete=True)  # the masked model, frozen in place
     assert model is comp.model and not model.training
-    assert comp.pruning_done
+    assert not comp.pruning_done  # frozen early is not pruned as scheduled
     assert all(bool(m.frozen) and not bool(m.collecting) for m in _masks(comp))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()  # even in training mode nothing moves any more
@@ -462,3 +469,69 @@ def test_range_options_reach_every_quantizer_and_survive_save_and_packed(tmp_pat
 
 def _aqs_of(model: nn.Module) -> list[ActQuantizer]:
     return [m for m in model.modules() if isinstance(m, ActQuantizer)]
+
+
+# ------------------------------------------------------------------------- silent no-ops, refused
+def _bits(comp: Compressor) -> dict[str, tuple]:
+    return {n: (i.weight_bits, i.act_bits) for n, i in comp.plan.layers.items()}
+
+
+def test_first_last_bits_resolve_to_the_boundary_layers():
+    quant = {**QUANT, "first_last_bits": 8}
+    comp = Compressor(_model(), {"prune": None, "quant": quant}, _example())
+    assert _bits(comp) == {"conv1": (4, 8), "conv2": (4, 4), "fc1": (4, 4), "fc2": (4, 4), "fc3": (8, 8)}
+    # an explicit per_layer entry wins over the boundary rule for the layers it matches
+    quant["per_layer"] = {"fc3": {"act_bits": 6}, "conv2": {"weight_bits": None}}
+    comp = Compressor(_model(), {"prune": None, "quant": quant}, _example())
+    assert _bits(comp) == {"conv1": (4, 8), "conv2": (None, 4), "fc1": (4, 4), "fc2": (4, 4), "fc3": (4, 6)}
+    # a layer fed by the input and also feeding the output is both: input and weights at 8 bits
+    one = nn.Sequential(nn.Flatten(), nn.Linear(IMG * IMG, 10))
+    comp = Compressor(one, {"prune": None, "quant": {**QUANT, "first_last_bits": 8}}, _example())
+    assert _bits(comp) == {"1": (8, 8)}
+
+
+@pytest.mark.parametrize(("recipe", "field", "hint"), [
+    ({"prune": {**PRUNE, "exclude": ["conv3"]}, "quant": None}, "prune.exclude", "did you mean 'conv1'"),
+    ({"prune": {**PRUNE, "per_layer": {"fc9": 0.2}}, "quant": None}, "prune.per_layer", "did you mean"),
+    ({"prune": {**PRUNE, "per_layer": {"fc3": 0.2}}, "quant": None}, "prune.per_layer",
+     "matches layers whose output channels cannot be pruned"),
+    ({"prune": None, "quant": {**QUANT, "per_layer": {"classifier*": {"weight_bits": 8}}}}, "quant.per_layer",
+     "they are: conv1, conv2, fc1, fc2, fc3"),
+])
+def test_patterns_that_match_nothing_are_refused(recipe, field, hint):
+    with pytest.raises(RecipeError) as info:
+        Compressor(_model(), recipe, _example())
+    msg = str(info.value)
+    assert f"{field}: pattern" in msg and "matches no" in msg and hint in msg, msg
+
+
+def test_patterns_that_match_are_accepted():
+    comp = Compressor(_model(), {"prune": {**PRUNE, "exclude": ["conv*"], "per_layer": {"fc*": 0.25}},
+                                 "quant": {**QUANT, "per_layer": {"fc?": {"act_bits": 8}}}}, _example())
+    assert [s.name for s in comp.plan.sites] == ["fc1", "fc2"]
+
+
+def test_eval_mode_loop_warns_and_refuses_to_choose_masks_from_nothing():
+    comp = Compressor(_model(), {"prune": PRUNE, "quant": None}, _example())
+    opt = torch.optim.SGD(comp.model.parameters(), lr=0.05)
+    comp.model.eval()  # the mistake: evaluation left the model in eval mode
+    with pytest.warns(RuntimeWarning, match="eval mode.*masks gather no activation statistics.*model.train"):
+        with pytest.raises(ScheduleError, match="conv1.*no activation statistics.*model.train"):
+            for x, y in _data(PRUNE["start"] + PRUNE["interval"] + 1):
+                loss = F.cross_entropy(comp.model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                comp.step()
+    assert bool(_masks(comp)[0].mask.all())  # no mask was chosen from zero statistics
+
+
+def test_train_mode_loop_does_not_warn():
+    import warnings
+
+    comp = Compressor(_model(), {"prune": PRUNE, "quant": QUANT}, _example())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _train(comp, _data(comp.total_steps_hint + 1))
+    assert comp.pruning_done and comp.schedule_done and comp.incomplete() == []
+    comp.finalize()

@@ -31,7 +31,7 @@ def _worker(rank: int, world: int, init: str, out: str, reduce: bool) -> None:
         from prunequant.train import compressor as cmod
 
         if not reduce:  # the control: rank-local statistics only
-            cmod._reduced_mean = lambda m: m.mean_stat()
+            cmod._reduced_mean = lambda m: (m.mean_stat(), float(m.stat_count))
             cmod._sync_act_stats = lambda aqs: None
         d = load_digits()
         x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0

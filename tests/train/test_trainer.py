@@ -35,6 +35,7 @@ def _cfg(**train) -> RunConfig:
                     "unit": "steps",
                     "weight_delay": 2,
                     "act_delay": 1,
+                    "first_last_bits": None,  # every layer at 4 bits
                 },
             },
         }

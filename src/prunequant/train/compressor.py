@@ -19,17 +19,85 @@ their running statistics, and quantizer statistics. :meth:`Compressor.load_state
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
-from ..graph.discover import instrument, raw_weight, weight_quantizer
+from ..graph.discover import LAYER_TYPES, instrument, raw_weight, trace, weight_quantizer
 from ..prune.mask import ChannelMask, mask_from_scores
 from ..prune.schedule import ScheduleSpec
 from ..quant.quantizers import ActQuantizer
-from ..recipe import Recipe, RecipeError
+from ..recipe import Recipe, RecipeError, did_you_mean
+
+
+class ScheduleError(RuntimeError):
+    """The compression loop was driven in a way that would silently give a wrong model (the model
+    in eval mode while statistics are gathered, ``finalize()`` before the schedule ended)."""
+
+
+def boundary_layers(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
+    """``(first, last)``: the conv / linear layers that read the network input with no other layer in
+    between, and those whose output reaches a network output with no other layer in between."""
+    modules = dict(gm.named_modules())
+
+    def is_layer(n: fx.Node) -> bool:
+        return n.op == "call_module" and isinstance(modules.get(str(n.target)), LAYER_TYPES)
+
+    first: list[str] = []
+    seen: set[fx.Node] = set()
+    todo = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if is_layer(u):
+                first.append(str(u.target))
+            else:
+                todo.append(u)
+    last: list[str] = []
+    seen = set()
+    todo = [n for n in gm.graph.nodes if n.op == "output"]
+    while todo:
+        n = todo.pop()
+        for a in n.all_input_nodes:
+            if a in seen:
+                continue
+            seen.add(a)
+            if is_layer(a):
+                last.append(str(a.target))
+            else:
+                todo.append(a)
+    order = {str(n.target): i for i, n in enumerate(gm.graph.nodes) if is_layer(n)}
+    return sorted(set(first), key=order.get), sorted(set(last), key=order.get)
+
+
+def resolve_layer_bits(model: nn.Module, recipe: Recipe) -> dict[str, dict] | None:
+    """The per-layer bit overrides :func:`~prunequant.graph.instrument` gets for ``recipe``.
+
+    ``quant.first_last_bits`` becomes one entry per boundary layer (the first layers' input, the last
+    layers' weights and input); ``quant.per_layer`` entries follow, so they win where both match. A
+    field left out of a ``per_layer`` entry inherits the global bits, an explicit null means float.
+    """
+    q = recipe.quant
+    if q is None:
+        return None
+    out: dict[str, dict] = {}
+    if q.first_last_bits is not None:
+        first, last = boundary_layers(trace(model, recipe.prune.exclude if recipe.prune else ()))
+        b = q.first_last_bits
+        for name in first:
+            out[name] = {"act_bits": b}
+        for name in last:
+            out[name] = {**out.get(name, {}), "weight_bits": b, "act_bits": b}
+    for k, v in q.per_layer.items():
+        out.pop(k, None)  # keep the recipe's order: an explicit entry comes after the boundary ones
+        out[k] = v.model_dump(exclude_unset=True)
+    return out
 
 
 @dataclass(frozen=True)
@@ -88,8 +156,7 @@ class Compressor:
         stat = None
         if p is not None:
             stat = p.importance if p.importance in ("a_l1", "a_l0") else "none"
-        # exclude_unset: a field left out inherits the global bits; an explicit null means float.
-        layer_bits = {k: v.model_dump(exclude_unset=True) for k, v in q.per_layer.items()} if q else None
+        layer_bits = resolve_layer_bits(model, recipe)
         self.model, self.plan = instrument(
             model,
             prune_stat=stat,
@@ -108,6 +175,8 @@ class Compressor:
         if p is not None and not self.plan.sites:
             raise RecipeError("prune: no prunable channels found in this model (every activation is "
                               f"coupled or excluded: {self.plan.skipped})")
+        self._check_patterns(model)
+        self._warned_eval = False
         self._sparsity = [self._target(s.name) for s in self.plan.sites]
         self._masks: list[ChannelMask] = [self.model.get_submodule(s.mask) for s in self.plan.sites]
         self._wq = {n: weight_quantizer(self.model.get_submodule(n)) for n in self.plan.layers}
@@ -123,6 +192,33 @@ class Compressor:
         # After the check: step 0 may enable activation quantizers, which have no statistics yet
         # (an eval forward through them would raise).
         self._apply(0)
+
+    def _check_patterns(self, model: nn.Module) -> None:
+        """Every pattern of ``prune.exclude``, ``prune.per_layer`` and ``quant.per_layer`` must match
+        something; a pattern that matches nothing is a typo that would silently change nothing."""
+        p, q = self.recipe.prune, self.recipe.quant
+        layers = list(self.plan.layers)
+        problems = []
+
+        def check(field: str, pats: Any, names: list[str], noun: str) -> None:
+            for pat in pats:
+                if any(fnmatch.fnmatchcase(n, pat) for n in names):
+                    continue
+                msg = f"  {field}: pattern {pat!r} matches no {noun}"
+                if field == "prune.per_layer" and any(fnmatch.fnmatchcase(n, pat) for n in layers):
+                    msg += " (it matches layers whose output channels cannot be pruned; see plan.skipped)"
+                shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+                problems.append(msg + (did_you_mean(pat, names) or f" (they are: {shown})"))
+
+        if p is not None:
+            modules = [n for n, _ in model.named_modules() if n]
+            check("prune.exclude", p.exclude, layers + [m for m in modules if m not in layers],
+                  "layer or module")
+            check("prune.per_layer", list(p.per_layer), [s.name for s in self.plan.sites], "prunable layer")
+        if q is not None:
+            check("quant.per_layer", list(q.per_layer), layers, "conv / linear layer")
+        if problems:
+            raise RecipeError("recipe patterns that match nothing in this model:\n" + "\n".join(problems))
 
     # ------------------------------------------------------------------ schedule
     def _target(self, site: str) -> float:
@@ -171,7 +267,14 @@ class Compressor:
     def _scores(self, i: int) -> Tensor:
         imp = self.recipe.prune.importance
         if imp in ("a_l1", "a_l0"):
-            return _reduced_mean(self._masks[i])
+            mean, count = _reduced_mean(self._masks[i])
+            if count <= 0:
+                raise ScheduleError(
+                    f"step {self.step_count}: the mask of '{self.plan.sites[i].name}' would be chosen from "
+                    f"no activation statistics ({imp} importance): no training-mode forward pass ran "
+                    "since its window started. Run the model in train mode (model.train()) and call "
+                    "comp.step() once after each optimizer step")
+            return mean
         if imp == "w_l1":
             w = raw_weight(self.model.get_submodule(self.plan.sites[i].producer)).detach()
             if w.dim() == 2:  # linear: [out, in]
@@ -222,6 +325,13 @@ class Compressor:
         the ranks here (one small all-reduce per step while they gather), so every rank quantizes
         with the same bounds; mask statistics are reduced when a mask is recomputed.
         """
+        if not self.model.training and not self._warned_eval and not self.schedule_done:
+            self._warned_eval = True
+            warnings.warn(
+                f"Compressor.step() at step {self.step_count}: the model is in eval mode, so channel masks "
+                "gather no activation statistics, activation quantizers no ranges and BatchNorm layers "
+                "do not update. Call model.train() before the training loop (evaluation in between "
+                "must switch back)", RuntimeWarning, stacklevel=2)
         _sync_act_stats(self._aq)
         self.model.pq_step += 1
         self._apply(self.step_count)
@@ -229,8 +339,35 @@ class Compressor:
     # ------------------------------------------------------------------ state
     @property
     def pruning_done(self) -> bool:
-        """True once every mask is frozen (or there is nothing to prune)."""
-        return all(bool(m.frozen) for m in self._masks)
+        """True once the schedule has frozen every mask at its target (or there is nothing to prune).
+
+        Masks frozen early by ``finalize(allow_incomplete=True)`` do not count.
+        """
+        if self.spec is None:
+            return True
+        return self.step_count >= self.spec.end and all(bool(m.frozen) for m in self._masks)
+
+    @property
+    def schedule_done(self) -> bool:
+        """True once every event of the schedule has happened: every mask frozen by the schedule and
+        every quantizer enabled, with statistics (``finalize()`` is then complete)."""
+        return not self.incomplete()
+
+    def incomplete(self) -> list[str]:
+        """What the schedule has not done yet at the current step (empty when it is done)."""
+        tl, t, out = self.timeline, self.step_count, []
+        if self.spec is not None and t < self.spec.end:
+            left = [s.name for s, m in zip(self.plan.sites, self._masks) if not bool(m.frozen)]
+            out.append(f"{len(left)} of {len(self._masks)} layers not pruned yet (the last mask freezes at "
+                       f"step {self.spec.end})")
+        if tl.weight_quant_at is not None and t < tl.weight_quant_at:
+            out.append(f"weight quantization starts at step {tl.weight_quant_at}")
+        if tl.act_quant_at is not None:
+            if t < tl.act_quant_at:
+                out.append(f"activation quantization starts at step {tl.act_quant_at}")
+            elif any(bool(a.enabled) and float(a.stat_count) <= 0 for a in self._aq):
+                out.append("activation quantizers have no ranges yet (one more training step needed)")
+        return out
 
     @property
     def total_steps_hint(self) -> int:
@@ -255,14 +392,23 @@ class Compressor:
         """Restore a state saved by :meth:`state_dict` (resume mid-schedule)."""
         self.model.load_state_dict(state)
 
-    def finalize(self, shrink: bool = True) -> nn.Module:
+    def finalize(self, shrink: bool = True, allow_incomplete: bool = False) -> nn.Module:
         """Freeze everything and return the compressed model in eval mode.
 
+        Raises :class:`ScheduleError` when the schedule has not finished (layers not pruned yet,
+        quantizers not started or without statistics), naming what is missing; with
+        ``allow_incomplete=True`` the model is finalized as it is (:attr:`pruning_done` stays False).
         Masks are frozen at their current state and quantizer statistics stop updating. With
         ``shrink=True`` (default) the pruned channels are physically removed
         (:func:`prunequant.graph.shrink`): the result is a smaller dense network computing the same
         function, with its quantizers' state sliced along; ``comp.model`` stays the masked model.
         """
+        missing = self.incomplete()
+        if missing and not allow_incomplete:
+            raise ScheduleError(
+                f"finalize() at step {self.step_count}, before the schedule finished: " + "; ".join(missing)
+                + f". Train until step {self.total_steps_hint + 1} (comp.total_steps_hint + 1), or pass "
+                "allow_incomplete=True to finalize the model as it is")
         for m in self._masks:
             m.collecting.fill_(False)
             m.frozen.fill_(True)
@@ -295,8 +441,9 @@ def _sync_act_stats(aqs: list[ActQuantizer]) -> None:
         a.stat_count.copy_(row[2])
 
 
-def _reduced_mean(m: ChannelMask) -> Tensor:
-    """Equal-weight mean of a mask's statistics, summed over all ranks under ``torch.distributed``.
+def _reduced_mean(m: ChannelMask) -> tuple[Tensor, float]:
+    """Equal-weight mean of a mask's statistics and the number of batches behind it, summed over all
+    ranks under ``torch.distributed``.
 
     The local buffers are not modified (each rank keeps its own running sums); the reduction is done
     on copies, only when a mask is recomputed, so every rank derives the identical mask.
@@ -304,7 +451,7 @@ def _reduced_mean(m: ChannelMask) -> Tensor:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return m.mean_stat()
+        return m.mean_stat(), float(m.stat_count)
     both = torch.cat([m.stat_sum, m.stat_count.reshape(1)])
     dist.all_reduce(both)
-    return both[:-1] / both[-1].clamp(min=1)
+    return both[:-1] / both[-1].clamp(min=1), float(both[-1])

@@ -300,6 +300,13 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
             for p in teacher.parameters():
                 p.requires_grad_(False)
         comp = Compressor(model, cfg.recipe, example, steps_per_epoch=spe)
+        if comp.total_steps_hint >= comp_steps:
+            raise RecipeError(
+                f"train.epochs: {cfg.train.epochs:g} epochs ({comp_steps} steps of {spe} per epoch) end before "
+                f"the compression schedule does (it needs {comp.total_steps_hint + 1} steps: "
+                f"{comp.timeline.as_dict()}); raise train.epochs to at least "
+                f"{math.ceil(100 * (comp.total_steps_hint + 1) / spe) / 100:g} or shorten the schedule "
+                "(prune.start / interval, quant.weight_delay / act_delay)")
         cmodel = comp.model
         snap: dict[str, Any] = {}
 
@@ -314,9 +321,6 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         _train_steps(cmodel, batches, comp_steps, lr_fn, cfg, device, bar,
                      lambda: _compress_phase_name(comp), on_step, teacher=teacher)
         del teacher
-        if comp.spec is not None and "pruned" not in snap:
-            log(f"warning: pruning had not finished after {comp_steps} steps (last mask freezes at step "
-                f"{comp.timeline.prune_end}); increase train.epochs or shorten the schedule")
         final = comp.finalize()
         timings["compress_s"] = time.time() - t
         bar.phase("evaluating final")
