@@ -29,12 +29,27 @@ def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
         if not isinstance(nxt, dict):
             raise RecipeError(f"--set {dotted}: '{k}' is not a section")
         cur = nxt
-    cur[keys[-1]] = yaml.safe_load(raw)
+    try:
+        cur[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        first = str(e).splitlines()[0] if str(e) else "invalid"
+        raise RecipeError(f"--set {dotted}={raw}: the value is not valid YAML ({first}); quote strings "
+                          "and write lists as [a, b]") from None
+
+
+def _load_config_file(config: str) -> dict[str, Any]:
+    try:
+        return load_yaml(config)
+    except UnicodeDecodeError:
+        raise RecipeError(f"--config {config}: not a text (UTF-8) file; pass a YAML run configuration "
+                          "such as recipes/fmnist_resnet20_w4a4.yaml") from None
+    except OSError as e:
+        raise RecipeError(f"--config {config}: cannot be read ({e.strerror})") from None
 
 
 def build_config(config: str | None, overrides: list[str]) -> RunConfig:
     """The run configuration: the file (or the embedded default) with ``--set`` overrides applied."""
-    data = load_yaml(config) if config else {}  # one set of defaults: RunConfig's field defaults
+    data = _load_config_file(config) if config else {}  # one set of defaults: RunConfig's field defaults
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set expects key=value (e.g. recipe.prune.sparsity=0.75), got {item!r}")
@@ -46,6 +61,7 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
 def cmd_run(args: argparse.Namespace) -> int:
     """``prunequant run``."""
     from .report import write_report
+    from .runfolder import RunFolder
     from .train.trainer import run
 
     cfg = build_config(args.config, args.set or [])
@@ -56,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     results = run(cfg, out)
     results = {"config": cfg.to_dict(), **results}
     paths = write_report(results, out)
+    RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -66,8 +83,6 @@ EXPORT_FILES = {"qdq": "model.qdq.onnx", "qonnx": "model.qonnx.onnx", "packed": 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """``prunequant export RUN_DIR --format qdq|qonnx|packed``: export a finished run's model."""
-    import json
-
     import torch
 
     from .graph.persist import load_pruned
@@ -78,19 +93,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not report.is_file():
         raise RecipeError(f"{run_dir}: no report.json here; pass the --out folder of a finished "
                           "`prunequant run`")
-    if not (run_dir / "model" / "pruning.json").is_file():
-        raise RecipeError(f"{run_dir}: no model/ folder (the run pruned nothing, or did not finish); "
-                          "export needs a run whose recipe prunes and quantizes")
-    rep = json.loads(report.read_text())
-    cfg = RunConfig.from_dict(rep["config"], where=str(report))
-    c, h, w = rep["data"]["input_shape"]
-    base = build_model(cfg.model.name, num_classes=rep["data"]["num_classes"], in_channels=c, image_size=h,
-                       width=cfg.model.width)
+    files = _verify_run_for_export(run_dir)
+    out = Path(args.output) if args.output else run_dir / EXPORT_FILES[args.format]
+    _check_export_output(out, run_dir, files)
+    cfg, (c, h, w), num_classes = _read_report(report)
+    try:
+        base = build_model(cfg.model.name, num_classes=num_classes, in_channels=c, image_size=h,
+                           width=cfg.model.width)
+    except ValueError as e:
+        raise RecipeError(f"{report}: model {cfg.model.name} cannot be built for input {[c, h, w]} "
+                          f"({e})") from None
     x = torch.zeros(1, c, h, w)
     model = load_pruned(base, run_dir / "model", x).eval()
     from . import export as ex
 
-    out = Path(args.output) if args.output else run_dir / EXPORT_FILES[args.format]
+    if args.check and args.format != "qdq":
+        raise RecipeError("--check runs the QDQ file in ONNX Runtime; use it with --format qdq")
     try:
         if args.format == "packed":
             path = ex.save_packed(model, out, example_input=x, fold_bn=args.fold_bn)
@@ -101,6 +119,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ex.ExportError as e:
         raise RecipeError(str(e)) from None
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+    if args.check:  # ONNX Runtime (default settings, this CPU) vs PyTorch on the run's test set
+        from .export.check import check_run, format_check
+
+        print(format_check(check_run(cfg, model, path, fold_bn=args.fold_bn)))
     if args.format == "packed":
         from .graph.discover import NORM_TYPES
         from .metrics.measure import measure
@@ -123,6 +145,63 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_run_for_export(run_dir: Path) -> dict[str, dict[str, Any]]:
+    """Check the run folder's manifest and every file it lists before reading any of them."""
+    from .runfolder import MANIFEST, read_manifest, verify_run
+
+    files = read_manifest(run_dir)
+    if files is not None and "report.json" in files and "model/pruning.json" not in files:
+        raise RecipeError(f"{run_dir}: no model/ in this run (its recipe pruned nothing); export needs a "
+                          "run whose recipe prunes and quantizes")
+    if files is None and not (run_dir / "model" / "pruning.json").is_file():
+        raise RecipeError(f"{run_dir}: no model/ folder (the run pruned nothing, or did not finish); "
+                          "export needs a run whose recipe prunes and quantizes")
+    try:
+        return verify_run(run_dir, required=("report.json", "model/pruning.json", "model/weights.pt"))
+    except RecipeError as e:
+        raise RecipeError(f"{e}\n  (export checks every file {MANIFEST} lists; re-run `prunequant run` "
+                          "for this folder)") from None
+
+
+def _check_export_output(out: Path, run_dir: Path, files: dict[str, dict[str, Any]]) -> None:
+    """``--output`` must be a file path that clobbers nothing of the run."""
+    from .runfolder import MANIFEST
+
+    if out.is_dir():
+        raise RecipeError(f"--output {out}: is a folder; give a file name, e.g. --output "
+                          f"{out / EXPORT_FILES['qdq']}")
+    protected = {(run_dir / n).resolve() for n in [*files, MANIFEST]}
+    if out.resolve() in protected:
+        raise RecipeError(f"--output {out}: is a file of the run ({out.name}); exporting there would "
+                          "overwrite it; choose another name (nothing was written)")
+    anc = out.parent
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise RecipeError(f"--output {out}: {anc} is a file, so no file can be made under it")
+
+
+def _read_report(report: Path) -> tuple[RunConfig, tuple[int, int, int], int]:
+    """The configuration, input shape and class count from a run's ``report.json``."""
+    import json
+
+    try:
+        rep = json.loads(report.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeError(f"{report}: not valid JSON (truncated or damaged: {e})") from None
+    data = rep.get("data") if isinstance(rep, dict) else None
+    shape = data.get("input_shape") if isinstance(data, dict) else None
+    classes = data.get("num_classes") if isinstance(data, dict) else None
+    if not isinstance(rep, dict) or not isinstance(rep.get("config"), dict):
+        raise RecipeError(f"{report}: no 'config' section; not the report of a `prunequant run`")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise RecipeError(f"{report}: data.input_shape must be 3 positive integers [C, H, W] (got {shape!r})")
+    if not (isinstance(classes, int) and classes > 0):
+        raise RecipeError(f"{report}: data.num_classes must be a positive integer (got {classes!r})")
+    cfg = RunConfig.from_dict(rep["config"], where=str(report))
+    return cfg, (shape[0], shape[1], shape[2]), classes
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(prog="prunequant", description=__doc__.splitlines()[0])
@@ -142,6 +221,10 @@ def make_parser() -> argparse.ArgumentParser:
     e.add_argument("--fold-bn", action="store_true",
                    help="fold each BatchNorm into the conv before it (packed: 2 numbers per channel instead "
                         "of 5; qdq: integer-kernel form); see docs/export.md")
+    e.add_argument("--check", action="store_true",
+                   help="qdq: run the file in ONNX Runtime (default settings) against PyTorch on the run's "
+                        "test set; prints agreement, max abs diff, the CPU's features and a warning when "
+                        "its 8-bit kernels saturate")
     e.set_defaults(func=cmd_export)
     return p
 

@@ -7,8 +7,15 @@ Layout of ``path`` (a directory):
   tensors and plain containers, so loading never unpickles arbitrary objects.
 * ``pruning.json``: format version, the arguments :func:`~prunequant.graph.instrument` was called
   with (so the same masks and quantizers can be re-inserted), per site the original channel count
-  and the indices of the kept channels, per layer the weight / input bit-widths, and the SHA-256 of
-  the weights file.
+  and the indices of the kept channels, per layer the weight / input bit-widths, the SHA-256 of
+  the weights file (``sha256``) and the SHA-256 of the record itself (``record_sha256``: of the
+  record's canonical JSON, ``sort_keys`` and no spaces, without that field).
+
+Loading checks both digests before anything else, so an edited record (say, ``weight_bits`` 4 ->
+8, which would rebuild another model) or a truncated weights file is refused with a message naming
+the file. The digests catch damage and accidental edits; they are not a signature (someone who
+edits the record on purpose can recompute them, and then the structural checks below still
+apply). Version 1 records had no record digest and are refused (re-save the model).
 
 Both files are written to a temporary name in the same directory and moved into place with
 ``os.replace``, the record last, so a reader never sees a half-written pair.
@@ -25,22 +32,21 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from ..utils import atomic_write
+from ..utils import atomic_write, load_tensor_file, sha256_file
 from .discover import GraphError, instrument
 from .shrink import shrink
 
 FORMAT = "prunequant-pruned"
-VERSION = 1
+VERSION = 2
 WEIGHTS = "weights.pt"
 RECORD = "pruning.json"
+DIGEST = "record_sha256"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def record_digest(record: dict[str, Any]) -> str:
+    """SHA-256 of a pruning record's canonical JSON, leaving out its own ``record_sha256`` field."""
+    body = {k: v for k, v in record.items() if k != DIGEST}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_pruned(model: fx.GraphModule, path: str | os.PathLike) -> Path:
@@ -73,8 +79,9 @@ def save_pruned(model: fx.GraphModule, path: str | os.PathLike) -> Path:
         },
         "bits": {n: {"weight_bits": i.weight_bits, "act_bits": i.act_bits} for n, i in plan.layers.items()},
         "weights": WEIGHTS,
-        "sha256": _sha256(out / WEIGHTS),
+        "sha256": sha256_file(out / WEIGHTS),
     }
+    record[DIGEST] = record_digest(record)
     text = json.dumps(record, indent=1, sort_keys=True).encode()
     atomic_write(out / RECORD, lambda p: p.write_bytes(text))
     return out
@@ -87,28 +94,21 @@ def load_pruned(
 
     ``base_model`` is re-instrumented with the recorded arguments (its own modules are reused, so
     pass a fresh instance), the recorded channels are kept, the model is shrunk and the saved
-    weights and quantizer statistics are loaded (``strict``). Raises :class:`GraphError` when the
-    record does not fit the model (other architecture, other channel counts, edited weights file).
+    weights and quantizer statistics are loaded (``strict``). Raises :class:`GraphError`, with a
+    message naming the file, when a file is missing, truncated, edited (either checksum differs),
+    holds Python objects instead of tensors, or does not fit the model (other architecture, other
+    channel counts).
     """
     src = Path(path)
-    try:
-        record = json.loads((src / RECORD).read_text())
-    except FileNotFoundError:
-        raise GraphError(f"{src}: no {RECORD}; not a directory written by save_pruned()") from None
-    except json.JSONDecodeError as e:
-        raise GraphError(f"{src / RECORD}: not valid JSON ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise GraphError(f"{src / RECORD}: not a prunequant pruning record")
-    if record.get("version") != VERSION:
-        raise GraphError(f"{src / RECORD}: unsupported version {record.get('version')!r} "
-                         f"(expected {VERSION})")
-    weights = src / str(record.get("weights", WEIGHTS))
-    if weights.parent != src:
-        raise GraphError(f"{src / RECORD}: the weights file must be in the same directory")
-    if _sha256(weights) != record.get("sha256"):
-        raise GraphError(f"{weights}: checksum differs from the pruning record (file changed or truncated)")
+    record, weights = _read_record(src)
     opts = dict(record["instrument"])
-    gm, plan = instrument(base_model, example_input=example_input, **opts)
+    try:
+        gm, plan = instrument(base_model, example_input=example_input, **opts)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, GraphError):
+            raise
+        raise GraphError(f"{src / RECORD}: 'instrument' holds options this prunequant does not accept "
+                         f"({e})") from None
     sites = record["sites"]
     names = {s.name for s in plan.sites}
     if names != set(sites):
@@ -118,10 +118,10 @@ def load_pruned(
     with torch.no_grad():
         for s in plan.sites:
             r = sites[s.name]
-            if int(r["channels"]) != s.channels:
+            if r["channels"] != s.channels:
                 raise GraphError(f"site '{s.name}': the record has {r['channels']} channels, the model "
                                  f"{s.channels}")
-            kept = [int(i) for i in r["kept"]]
+            kept = r["kept"]
             if not kept or min(kept) < 0 or max(kept) >= s.channels or len(set(kept)) != len(kept):
                 raise GraphError(f"site '{s.name}': invalid kept channel indices in the record")
             mask = gm.get_submodule(s.mask)
@@ -129,10 +129,7 @@ def load_pruned(
             mask.mask[torch.tensor(kept)] = 1.0
             mask.frozen.fill_(True)
     small = shrink(gm, inplace=True)
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
-        raise GraphError(f"{weights}: expected a flat dict of tensors")
+    state = load_tensor_file(weights, GraphError, "pruned model weights")
     if "pq_step" in state and "pq_step" not in dict(small.named_buffers()):
         small.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
     try:
@@ -143,4 +140,50 @@ def load_pruned(
     return small
 
 
-__all__ = ["load_pruned", "save_pruned"]
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _read_record(src: Path) -> tuple[dict[str, Any], Path]:
+    """Read and check ``src/pruning.json``: format, version, both digests, field types.
+
+    Returns the record and the weights file's path; every problem is a :class:`GraphError` that
+    names the file.
+    """
+    rec_path = src / RECORD
+    if not rec_path.is_file():
+        raise GraphError(f"{src}: no {RECORD}; not a directory written by save_pruned()")
+    try:
+        record = json.loads(rec_path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GraphError(f"{rec_path}: not valid JSON (truncated or damaged: {e})") from None
+    except OSError as e:
+        raise GraphError(f"{rec_path}: cannot be read ({e.strerror})") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise GraphError(f"{rec_path}: not a prunequant pruning record")
+    if record.get("version") != VERSION:
+        raise GraphError(f"{rec_path}: unsupported version {record.get('version')!r} (this prunequant "
+                         f"reads version {VERSION}; re-save the model with save_pruned or re-run)")
+    if record.get(DIGEST) != record_digest(record):
+        raise GraphError(f"{rec_path}: the record's content differs from its checksum ({DIGEST}): it "
+                         "was edited or damaged after save_pruned wrote it; re-save the model")
+    name = record.get("weights", WEIGHTS)
+    weights = src / str(name)
+    if not isinstance(name, str) or weights.parent != src:
+        raise GraphError(f"{rec_path}: the weights file must be in the same directory")
+    if not weights.is_file():
+        raise GraphError(f"{weights}: missing (named by {RECORD})")
+    if sha256_file(weights) != record.get("sha256"):
+        raise GraphError(f"{weights}: checksum differs from the pruning record (file changed or truncated)")
+    # The digests make these hold for files save_pruned wrote; check them for hand-made records too.
+    sites, bits = record.get("sites"), record.get("bits")
+    ok = (isinstance(record.get("instrument"), dict) and isinstance(sites, dict) and isinstance(bits, dict)
+          and all(isinstance(r, dict) and _is_int(r.get("channels")) and isinstance(r.get("kept"), list)
+                  and all(_is_int(i) for i in r["kept"]) for r in sites.values()))
+    if not ok:
+        raise GraphError(f"{rec_path}: malformed record (expected 'instrument' options, and per site "
+                         "'channels' and a list of 'kept' channel indices)")
+    return record, weights
+
+
+__all__ = ["load_pruned", "record_digest", "save_pruned"]

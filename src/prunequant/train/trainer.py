@@ -33,7 +33,8 @@ from ..metrics.measure import measure
 from ..models import build_model
 from ..quant.quantizers import ActQuantizer
 from ..recipe import RecipeError
-from ..utils import atomic_torch_save
+from ..runfolder import RunFolder, check_beside_manifest, check_out_dir
+from ..utils import load_tensor_file
 from .compressor import Compressor
 
 FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -47,12 +48,42 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is a :class:`RecipeError`."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device: 'cuda' requested but no CUDA device is available (use cpu or auto)")
+        raise RecipeError("train.device: 'cuda' requested but this machine has no usable CUDA device; "
+                          "allowed here: cpu or auto (auto picks CUDA when there is one)")
     return torch.device(name)
+
+
+def load_dense_checkpoint(path: str) -> dict[str, Tensor]:
+    """Read ``train.dense_checkpoint``: checked against the run manifest beside it, tensors only."""
+    check_beside_manifest(path, "train.dense_checkpoint")
+    return load_tensor_file(path, RecipeError, "train.dense_checkpoint")
+
+
+def load_dense_state(model: nn.Module, state: dict[str, Tensor], cfg: RunConfig, data_name: str) -> None:
+    """Load dense weights into ``model``, or say which model, width and data they would need."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    shape = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or extra or shape:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} tensors missing (e.g. {missing[0]!r})")
+        if extra:
+            parts.append(f"{len(extra)} unexpected (e.g. {extra[0]!r})")
+        if shape:
+            k = shape[0]
+            parts.append(f"{len(shape)} of another shape (e.g. {k!r}: {list(state[k].shape)} in the file, "
+                         f"{list(own[k].shape)} in the model)")
+        raise RecipeError(
+            f"train.dense_checkpoint: {cfg.train.dense_checkpoint} does not fit model.name="
+            f"{cfg.model.name}, model.width={cfg.model.width} on data.name={data_name}: "
+            f"{'; '.join(parts)}. It must be the dense.pt of a run with the same model and data")
+    model.load_state_dict(state)
 
 
 def load_data(cfg: RunConfig, log: Callable[[str], None] = print) -> DataBundle:
@@ -238,14 +269,19 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
 
     Writes ``dense.pt`` (dense state dict), ``masked.pt`` (the instrumented masked model's state dict:
     every piece of compression state, for resuming or inspection) and ``model/`` (the physically
-    smaller model: ``weights.pt`` + ``pruning.json``, see :func:`prunequant.graph.save_pruned`).
+    smaller model: ``weights.pt`` + ``pruning.json``, see :func:`prunequant.graph.save_pruned`), each
+    recorded in ``manifest.json`` (:mod:`prunequant.runfolder`; the caller adds ``report.json``).
+    Bad input (``out_dir``, ``train.device``, ``train.dense_checkpoint``, data) raises a user error
+    before any file is written.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    # Everything that can be wrong with the input is checked before the first file is written.
+    out = check_out_dir(out_dir)
+    folder = RunFolder(out)
     t0 = time.time()
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
+    dense_state = load_dense_checkpoint(cfg.train.dense_checkpoint) if cfg.train.dense_checkpoint else None
     data = load_data(cfg, log)
     try:
         model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
@@ -253,6 +289,9 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
     except ValueError as e:
         raise RecipeError(f"model: {cfg.model.name} cannot be built for {data.name} "
                           f"({data.in_channels}x{data.image_size}x{data.image_size} images): {e}") from None
+    if dense_state is not None:
+        load_dense_state(model, dense_state, cfg, data.name)
+        del dense_state
     g = torch.Generator().manual_seed(cfg.train.seed)
     loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
                         generator=g)
@@ -271,8 +310,6 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         # ---- dense
         t = time.time()
         if cfg.train.dense_checkpoint:
-            state = torch.load(cfg.train.dense_checkpoint, map_location=device, weights_only=True)
-            model.load_state_dict(state)
             log(f"loaded dense weights from {cfg.train.dense_checkpoint}")
         else:
             ep = cfg.train.dense_epochs
@@ -282,7 +319,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
 
             rng = _rng_state()
             _train_steps(model, batches, dense_steps, cfg.train.lr, cfg, device, bar, dense_name)
-            atomic_torch_save(model.state_dict(), out / "dense.pt")
+            folder.save_tensors("dense.pt", model.state_dict())
             # Compression starts from the random state (and the loader's first epoch) that a run
             # loading this dense.pt through train.dense_checkpoint starts from: the two are the same run.
             _set_rng_state(rng)
@@ -327,9 +364,10 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         results["phases"].update(snap)
         results["phases"]["final"] = _phase_result(final, data, example, device, cfg)
         results["shrink_check"] = _shrink_check(comp.model, final, example)
-        atomic_torch_save(comp.model.state_dict(), out / "masked.pt")
+        folder.save_tensors("masked.pt", comp.model.state_dict())
         if comp.plan.sites:
             save_pruned(final, out / "model")
+            folder.record("model/weights.pt", "model/pruning.json")
     finally:
         bar.close()
     timings["total_s"] = time.time() - t0
