@@ -70,11 +70,12 @@ def make_model(name: str) -> nn.Module:
     return build_model(name, num_classes=10, in_channels=1, image_size=8, width=0.25)
 
 
-def recipe(name: str, wb: int, ab: int) -> dict:
+def recipe(name: str, wb: int, ab: int, weight_range: str = "full") -> dict:
     r = {
         "ordering": "joint",
         "prune": {"sparsity": 0.5, "unit": "steps", "start": 4, "interval": 1, "refresh": 1},
-        "quant": {"weight_bits": wb, "act_bits": ab, "unit": "steps", "weight_delay": 0, "act_delay": 0},
+        "quant": {"weight_bits": wb, "act_bits": ab, "unit": "steps", "weight_delay": 0, "act_delay": 0,
+                  "weight_range": weight_range},
     }
     if name == "espcn":  # as in the paper's generators: image input unquantized, last conv at 8 bits
         r["quant"]["per_layer"] = {"conv1": {"weight_bits": wb, "act_bits": None},
@@ -114,9 +115,11 @@ def rebit(model: nn.Module, wb: int, ab: int) -> nn.Module:
 
 
 @functools.cache
-def compressed(name: str, wb: int, ab: int):
-    """``(finalized masked model, shrunk model or None, example input)`` trained on digits."""
+def compressed(name: str, wb: int, ab: int, weight_range: str = "full"):
+    """``(finalized masked model, shrunk model or None, example input)`` trained on digits
+    (``weight_range``: the recipe's ``quant.weight_range``, applied during QAT)."""
     if name in DERIVED and (wb, ab) != (8, 8):
+        assert weight_range == "full", "derived models are full range"
         fm8, _, ex = compressed(name, 8, 8)
         fm = rebit(fm8, wb, ab)
         return fm, (_shrink(fm) if _shrink is not None else None), ex
@@ -125,7 +128,7 @@ def compressed(name: str, wb: int, ab: int):
     if name == "espcn":
         x, y = sr_pair(x)
     model = make_model(name)
-    comp = Compressor(model, recipe(name, wb, ab), x[:8])
+    comp = Compressor(model, recipe(name, wb, ab, weight_range), x[:8])
     net = comp.model
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)
@@ -152,9 +155,9 @@ def eval_inputs(name: str) -> torch.Tensor:
     return sr_pair(x)[0] if name == "espcn" else x
 
 
-def deployable(name: str, wb: int, ab: int):
+def deployable(name: str, wb: int, ab: int, weight_range: str = "full"):
     """The model to export: shrunk when shrink exists, else the masked one."""
-    fm, small, ex = compressed(name, wb, ab)
+    fm, small, ex = compressed(name, wb, ab, weight_range)
     return (small if small is not None else fm), ex
 
 
@@ -163,14 +166,30 @@ def out_step(ref: np.ndarray) -> float:
     return float(ref.max() - ref.min()) / 255.0
 
 
-def ort_run(path, x: np.ndarray) -> np.ndarray:
+def ort_run(path, x: np.ndarray, fused: bool = False) -> np.ndarray:
+    """ONNX Runtime's output for ``x``: by default with graph optimization off (``ORT_DISABLE_ALL``,
+    float kernels), the file's meaning on every CPU; ``fused=True``: the default ``ORT_ENABLE_ALL``,
+    which fuses Q/DQ into integer kernels whose arithmetic depends on the CPU (export/cpu.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    if not fused:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    src = path.SerializeToString() if hasattr(path, "SerializeToString") else str(path)
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     return sess.run(None, {"input": x.astype(np.float32)})[0]
+
+
+def deviation(out: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Per-sample worst deviation summarized: share within one output step, median, argmax agreement."""
+    worst = np.abs(out - ref).reshape(len(ref), -1).max(axis=1)
+    r = {"within_step": float(np.mean(worst <= out_step(ref))), "median": float(np.median(worst)),
+         "max": float(worst.max())}
+    if ref.ndim == 2:
+        r["argmax"] = float(np.mean(out.argmax(1) == ref.argmax(1)))
+    return r
 
 
 def torch_run(model: nn.Module, x: torch.Tensor) -> np.ndarray:

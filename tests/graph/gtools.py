@@ -41,13 +41,14 @@ def calibrate(gm, shape, steps: int = 2, seed: int = 3) -> None:
     gm.eval()
 
 
-def build(name: str, bits: int | None = None, sparsity: float = 0.5):
+def build(name: str, bits: int | None = None, sparsity: float = 0.5, weight_range: str = "full"):
     from zoo import ZOO, randomize
 
     builder, shape = ZOO[name]
     model = randomize(builder()).eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
-    gm, plan = instrument(model, prune_stat="none", example_input=x, weight_bits=bits, act_bits=bits)
+    gm, plan = instrument(model, prune_stat="none", example_input=x, weight_bits=bits, act_bits=bits,
+                          weight_range=weight_range)
     set_masks(gm, sparsity)
     if bits is not None:
         calibrate(gm, shape)

@@ -33,6 +33,7 @@ import torch
 from torch import fx, nn
 
 from ..graph.discover import CONV_TYPES, NORM_TYPES, weight_quantizer
+from ..quant.quantizers import ActQuantizer
 from ._checks import ExportError
 
 
@@ -83,12 +84,42 @@ def _to_f32(x: np.ndarray, what: str) -> np.ndarray:
     return y
 
 
+def input_step(gm: fx.GraphModule, conv_name: str) -> float | None:
+    """The float32 step of the enabled activation quantizer that feeds conv ``conv_name`` directly,
+    or ``None`` (float input, or a mask / other op in between)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target) == conv_name:
+            src = n.args[0] if n.args else None
+            if isinstance(src, fx.Node) and src.op == "call_module":
+                aq = gm.get_submodule(str(src.target))
+                if isinstance(aq, ActQuantizer) and bool(aq.enabled):
+                    return float(np.float32(aq.qparams()[0].item()))
+    return None
+
+
+def integer_bias_codes(bias: np.ndarray, step_x: float, w_scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(codes, scale)``: ``bias`` rounded to the accumulator grid ``s_x * s_w[c]`` as INT32 codes.
+
+    The grid is the float32 product of the input step and each channel's (float32) weight scale; the
+    rounding is half to even from the float64 bias. The ONNX ``fold_bn`` export stores exactly these
+    codes and scales, and :func:`fold_batchnorm` (``integer_bias=True``) adds ``codes * scale``
+    (float32), which is what ``DequantizeLinear`` of the INT32 bias computes.
+    """
+    sb = (np.float32(step_x) * np.asarray(w_scale, dtype=np.float32)).astype(np.float32)
+    q = np.clip(np.round(np.asarray(bias, np.float64) / sb.astype(np.float64)), -(2**31), 2**31 - 1)
+    return q.astype(np.int32), sb
+
+
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
+def fold_batchnorm(model: nn.Module, integer_bias: bool = False) -> fx.GraphModule:
     """A copy of ``model`` with every foldable BatchNorm folded into the conv before it.
 
     Args:
         model: a quantized model from ``Compressor.finalize()`` (shrunk or not), in eval use.
+        integer_bias: round each folded bias to the accumulator grid ``s_x * s'_c`` where the conv's
+            input is quantized (:func:`integer_bias_codes`), as integer kernels hold it and as the ONNX
+            ``fold_bn`` export stores it (INT32): the exact PyTorch reference of that export. Off by
+            default (the packed ``fold_bn`` format keeps the float32 bias).
 
     Returns:
         The folded copy; its ``pq_folded`` attribute lists the folded BatchNorms.
@@ -112,11 +143,15 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
         g = (bn.weight.detach().double() / torch.sqrt(var + bn.eps)).cpu().numpy()
         b_conv = conv.bias.detach().double().cpu().numpy() if conv.bias is not None else 0.0
         bias = bn.bias.detach().double().cpu().numpy()
-        b_new = _to_f32(bias + (b_conv - bn.running_mean.detach().double().cpu().numpy()) * g,
-                        f"{bn_name}: the folded bias")
+        b64 = bias + (b_conv - bn.running_mean.detach().double().cpu().numpy()) * g
+        b_new = _to_f32(b64, f"{bn_name}: the folded bias")
         zero = g == 0
         s_new = _to_f32(np.where(zero, s, s * np.abs(g)), f"{conv_name}: the folded weight scale")
         s_new = np.maximum(s_new, np.float32(1e-12))  # the quantizer clamps scales to its epsilon
+        sx = input_step(gm, conv_name) if integer_bias else None
+        if sx is not None:
+            q, sb = integer_bias_codes(b64, sx, s_new)
+            b_new = (q.astype(np.float32) * sb).astype(np.float32)
         sign = np.where(g < 0, -1.0, 1.0).astype(np.float32)
         codes[torch.from_numpy(zero)] = 0
         st = torch.from_numpy(s_new)
@@ -136,4 +171,4 @@ def fold_batchnorm(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-__all__ = ["fold_batchnorm", "fold_pairs", "folded_pairs"]
+__all__ = ["fold_batchnorm", "fold_pairs", "folded_pairs", "input_step", "integer_bias_codes"]

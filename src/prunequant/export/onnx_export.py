@@ -39,6 +39,7 @@ from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..utils import atomic_write
 from ._checks import ExportError, check_exportable
 from ._fx2onnx import Builder, QuantStyle, translate
+from .fold import integer_bias_codes
 
 FORMATS = ("qdq", "qonnx")
 #: Producers after which a 4-bit activation uses an 8-bit container (ONNX Runtime 1.32 limitations).
@@ -142,8 +143,7 @@ class QDQStyle(QuantStyle):
         sx = self.act_scale.get(x)
         if sx is None:
             return b.init(f"{name}.bias", bias.astype(np.float32))
-        sb = (np.float32(sx) * w_scale.astype(np.float32)).astype(np.float32)
-        q = np.clip(np.round(bias / sb.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
+        q, sb = integer_bias_codes(bias, sx, w_scale)  # what fold_batchnorm(integer_bias=True) adds
         from onnx import numpy_helper
 
         qi = b.init(f"{name}.bias_int32", numpy_helper.from_array(q, "t"))
@@ -200,7 +200,9 @@ class QONNXStyle(QuantStyle):
             scale = np.array(scale.reshape(-1)[0], dtype=np.float32)
         wi = b.init(f"{name}.weight", wq_val)
         b.shapes[wi] = tuple(wq_val.shape)
-        return self._quant(b, wi, scale, np.array(0.0), wq.bits, True, f"{name}.weight", tuple(wq_val.shape))
+        # code_bits: a reduced-range quantizer's grid is (b-1)-bit, which is what FINN / hls4ml should see
+        return self._quant(b, wi, scale, np.array(0.0), wq.code_bits, True, f"{name}.weight",
+                           tuple(wq_val.shape))
 
 
 class _FloatStyle(QuantStyle):
@@ -261,7 +263,11 @@ def build_onnx(model: nn.Module, example_input: torch.Tensor, format: str = "qdq
         gm.train(was)
     from .. import __version__
 
-    onnx.helper.set_model_props(proto, {"prunequant_version": __version__, "prunequant_format": format})
+    ranges = sorted({m.weight_range for m in gm.modules()
+                     if isinstance(m, WeightQuantizer) and bool(m.enabled)})
+    # weight_range: "reduced" = (b-1)-bit codes in b-bit weights (quant.weight_range, see export/cpu.py)
+    onnx.helper.set_model_props(proto, {"prunequant_version": __version__, "prunequant_format": format,
+                                        "prunequant_weight_range": ",".join(ranges) or "none"})
     if format == "qdq":
         onnx.checker.check_model(proto)
     return proto
