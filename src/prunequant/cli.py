@@ -147,7 +147,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _verify_run_for_export(run_dir: Path) -> dict[str, dict[str, Any]]:
     """Check the run folder's manifest and every file it lists before reading any of them."""
-    from .runfolder import MANIFEST, read_manifest, verify_run
+    from .runfolder import read_manifest, verify_run
 
     files = read_manifest(run_dir)
     if files is not None and "report.json" in files and "model/pruning.json" not in files:
@@ -156,11 +156,7 @@ def _verify_run_for_export(run_dir: Path) -> dict[str, dict[str, Any]]:
     if files is None and not (run_dir / "model" / "pruning.json").is_file():
         raise RecipeError(f"{run_dir}: no model/ folder (the run pruned nothing, or did not finish); "
                           "export needs a run whose recipe prunes and quantizes")
-    try:
-        return verify_run(run_dir, required=("report.json", "model/pruning.json", "model/weights.pt"))
-    except RecipeError as e:
-        raise RecipeError(f"{e}\n  (export checks every file {MANIFEST} lists; re-run `prunequant run` "
-                          "for this folder)") from None
+    return verify_run(run_dir, required=("report.json", "model/pruning.json", "model/weights.pt"))
 
 
 def _check_export_output(out: Path, run_dir: Path, files: dict[str, dict[str, Any]]) -> None:

@@ -108,15 +108,16 @@ def verify_file(run_dir: str | Path, name: str, files: dict[str, dict[str, Any]]
     if entry is None:
         raise RecipeError(f"{path}: not listed in {MANIFEST}: the run that wrote this folder did not "
                           "write it, or did not finish")
+    fix = "restore the file or re-run `prunequant run` into this folder"
     if not path.is_file():
-        raise RecipeError(f"{path}: missing ({MANIFEST} lists it)")
+        raise RecipeError(f"{path}: missing ({MANIFEST} lists it); {fix}")
     size = path.stat().st_size
     if size != entry["bytes"]:
         raise RecipeError(f"{path}: {size:,} bytes, but the run wrote {entry['bytes']:,} ({MANIFEST}): "
-                          "truncated or replaced since")
+                          f"truncated or replaced since; {fix}")
     if sha256_file(path) != entry["sha256"]:
         raise RecipeError(f"{path}: content differs from its SHA-256 in {MANIFEST}: edited or damaged "
-                          "since the run wrote it")
+                          f"since the run wrote it; {fix}")
     return path
 
 
@@ -125,11 +126,11 @@ def verify_run(run_dir: str | Path, required: Iterable[str] = ()) -> dict[str, d
     files = read_manifest(run_dir)
     if files is None:
         raise RecipeError(f"{run_dir}: no {MANIFEST}, so its files cannot be checked: the run did not "
-                          "finish, or an older prunequant wrote it; re-run it")
+                          "finish, or an older prunequant wrote it; re-run `prunequant run` into this folder")
     for name in required:
         if name not in files:
             raise RecipeError(f"{Path(run_dir) / name}: not listed in {MANIFEST}: the run that wrote this "
-                              "folder did not finish (or did not write it)")
+                              "folder did not finish (or did not write it); re-run `prunequant run` into it")
     for name in files:
         verify_file(run_dir, name, files)
     return files
@@ -138,6 +139,8 @@ def verify_run(run_dir: str | Path, required: Iterable[str] = ()) -> dict[str, d
 def check_beside_manifest(path: str | Path, field: str) -> None:
     """Check a file that a run wrote (e.g. ``dense.pt``) against the manifest in its folder, if any."""
     p = Path(path)
+    if not p.is_file():  # the loader says what is wrong with it
+        return
     files = read_manifest(p.parent)
     if files is None:
         return

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
 import pickle
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -102,14 +104,21 @@ def load_tensor_file(path: str | Path, error: type[Exception], what: str) -> dic
     """
     p = Path(path)
     if not p.exists():
-        raise error(f"{what}: file not found: {p}")
+        near = difflib.get_close_matches(p.name, [q.name for q in p.parent.glob("*.pt")], n=1) \
+            if p.parent.is_dir() else []
+        hint = f"; did you mean {p.parent / near[0]}?" if near else ""
+        raise error(f"{what}: file not found: {p}{hint}")
     if not p.is_file():
-        raise error(f"{what}: {p} is not a file")
+        hint = f"; did you mean {p / 'dense.pt'}?" if (p / "dense.pt").is_file() else ""
+        raise error(f"{what}: {p} is not a file{hint}")
     with open(p, "rb") as f:
         head = f.read(4)
     if head != b"PK\x03\x04" and head[:1] != b"\x80":  # torch.save's zip format, or its legacy pickle
         raise error(f"{what}: {p} is not a readable PyTorch tensor file (it does not start like one: "
-                    f"{'empty' if not head else 'other bytes'})")
+                    f"{'the file is empty' if not head else 'other bytes'})")
+    if head == b"PK\x03\x04" and not zipfile.is_zipfile(p):
+        raise error(f"{what}: {p} is not a readable PyTorch tensor file (truncated: its zip archive has no "
+                    "end record)")
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -118,7 +127,7 @@ def load_tensor_file(path: str | Path, error: type[Exception], what: str) -> dic
         raise error(f"{what}: {p} holds Python objects, not only tensors; refused without running "
                     "them (only state dicts written by torch.save / prunequant are loaded)") from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: torch's parsers fail in many ways
-        detail = (str(e).splitlines() or ["no detail"])[0][:120]
+        detail = (str(e).splitlines() or ["no detail"])[0].split(". ")[0][:120]
         raise error(f"{what}: {p} is not a readable PyTorch tensor file (truncated or corrupted: "
                     f"{type(e).__name__}: {detail})") from None
     if not isinstance(state, dict):

@@ -212,13 +212,17 @@ def _dense(tmp_path: Path, config: Path, ckpt: Path | str, capsys: pytest.Captur
     return err
 
 
-def test_dense_checkpoint_missing(tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_dense_checkpoint_missing(tmp_path: Path, config: Path, run_dir: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
     _dense(tmp_path, config, tmp_path / "nope.pt", capsys, "file not found", "nope.pt")
+    _dense(tmp_path, config, run_dir / "dens.pt", capsys, "file not found",
+           f"did you mean {run_dir / 'dense.pt'}?")
 
 
-def test_dense_checkpoint_is_a_folder(tmp_path: Path, config: Path,
+def test_dense_checkpoint_is_a_folder(tmp_path: Path, config: Path, run_dir: Path,
                                       capsys: pytest.CaptureFixture[str]) -> None:
-    _dense(tmp_path, config, tmp_path, capsys, "is not a file")
+    _dense(tmp_path, config, tmp_path / "run" / "model", capsys, "is not a file")
+    _dense(tmp_path, config, run_dir, capsys, "is not a file", f"did you mean {run_dir / 'dense.pt'}?")
 
 
 def test_dense_checkpoint_other_architecture(tmp_path: Path, config: Path,
@@ -254,7 +258,10 @@ def test_dense_checkpoint_not_a_state_dict(tmp_path: Path, config: Path, finishe
         p.write_text("conv1.weight: [1, 2, 3]\n")
     else:
         torch.save([torch.ones(2)], p)
-    need = "is not a state dict" if form == "list" else "is not a readable PyTorch tensor file"
+    need = {"truncated": "is not a readable PyTorch tensor file (truncated",
+            "empty": "is not a readable PyTorch tensor file (it does not start like one: the file is empty",
+            "text": "is not a readable PyTorch tensor file (it does not start like one",
+            "list": "is not a state dict (expected a {name: tensor} dict, got list)"}[form]
     _dense(tmp_path, config, p, capsys, need)
 
 
@@ -307,7 +314,8 @@ def _export_fails(run: Path, capsys: pytest.CaptureFixture[str], *needles: str,
 def test_export_detects_any_truncated_file(run_dir: Path, capsys: pytest.CaptureFixture[str],
                                            name: str) -> None:
     _truncate(run_dir / name)
-    _export_fails(run_dir, capsys, f"{run_dir / name}: ", "bytes, but the run wrote", "truncated")
+    _export_fails(run_dir, capsys, f"{run_dir / name}: ", "bytes, but the run wrote", "truncated",
+                  "restore the file or re-run")
 
 
 def test_export_detects_an_edited_weight_bits(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -362,7 +370,7 @@ def test_export_resealed_record_of_another_model(run_dir: Path, capsys: pytest.C
     rep["config"]["model"]["name"] = "resnet32"
     (run_dir / "report.json").write_text(json.dumps(rep))
     _reseal(run_dir)
-    _export_fails(run_dir, capsys, "does not match the record")
+    _export_fails(run_dir, capsys, "pruning.json: the model does not match the record")
 
 
 def test_export_without_manifest(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -393,3 +401,35 @@ def test_export_output_onto_a_run_file(run_dir: Path, capsys: pytest.CaptureFixt
 def test_export_output_is_a_folder(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _export_fails(run_dir, capsys, "is a folder; give a file name",
                   extra=("--output", str(run_dir / "model")))
+
+
+# ---------------------------------------------------------------------------------------- atomic_write
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_write_mode_is_what_open_would_give(tmp_path: Path, umask: int) -> None:
+    from prunequant.utils import atomic_torch_save, atomic_write_text
+
+    old = _umask(umask)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        atomic_torch_save({"w": torch.ones(2)}, tmp_path / "b.pt")
+        with open(tmp_path / "c.txt", "w") as f:  # the reference: a plain open()
+            f.write("x")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
+    assert modes == {"a.txt": 0o666 & ~umask, "b.pt": 0o666 & ~umask, "c.txt": 0o666 & ~umask}
+
+
+def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path) -> None:
+    from prunequant.utils import atomic_write, atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "old")
+
+    def half(p: Path) -> None:
+        p.write_text("half of the new")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(tmp_path / "a.txt", half)
+    assert (tmp_path / "a.txt").read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left

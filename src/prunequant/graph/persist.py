@@ -113,8 +113,8 @@ def load_pruned(
     names = {s.name for s in plan.sites}
     if names != set(sites):
         missing, extra = sorted(set(sites) - names), sorted(names - set(sites))
-        raise GraphError(f"the model does not match the record: sites only in the record {missing}, "
-                         f"only in the model {extra}")
+        raise GraphError(f"{src / RECORD}: the model does not match the record (another architecture or "
+                         f"width?): sites only in the record {missing}, only in the model {extra}")
     with torch.no_grad():
         for s in plan.sites:
             r = sites[s.name]

@@ -5,8 +5,13 @@
 * ``prunequant_version``, ``config`` (the validated run configuration), ``data`` (name, source,
   split sizes, input shape), ``steps_per_epoch``, ``steps`` (dense / compress), ``timeline`` (steps
   at which pruning begins / the last mask froze / quantization begins / weights and activations
-  start quantizing), ``timing`` (seconds), ``device``, ``threads``;
-* ``phases``: ``dense``, ``pruned`` (when pruning ran) and ``final``, each with ``accuracy`` (test,
+  start quantizing), ``timing`` (seconds), ``device``, ``threads``, ``machine`` (the CPU class and
+  brand, its integer-kernel flags, the torch version: float results differ across CPU classes);
+* ``shrink_check``: the masked vs the physically smaller model on up to 2,000 test images
+  (``samples``, ``samples_differing`` beyond float noise, ``max_abs_diff``, ``argmax_agreement``);
+* ``phases``: ``dense``, ``pruned`` (when pruning ran: measured at the step the last mask froze, with
+  no recovery), ``pruned_finetuned`` (the pruned model after its fine-tuning steps, just before the
+  first quantizer turns on, when there are such steps) and ``final``, each with ``accuracy`` (test,
   %), ``val_accuracy``, ``params``, ``macs``, ``bops``, ``weight_mbit``, ``act_mbit``,
   ``memory_mbit``, ``density`` (accuracy % / Mbit), ``scale_bias_mbit`` and ``deploy_weight_mbit``
   (the float32 scales and biases a deployed model keeps beside its weights, and the sum: see
@@ -25,7 +30,8 @@ from typing import Any
 from ..utils import atomic_write, atomic_write_json, atomic_write_text
 
 SCHEMA_VERSION = 1
-PHASE_LABELS = {"dense": "dense FP32", "pruned": "pruned", "final": "pruned + quantized"}
+PHASE_LABELS = {"dense": "dense FP32", "pruned": "pruned (no recovery)",
+                "pruned_finetuned": "pruned + fine-tuned", "final": "pruned + quantized"}
 
 
 def _fmt_bits(v: list[int]) -> str:
@@ -47,6 +53,13 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"compression steps {results['steps']['compress']}",
         f"- time: {results['timing'].get('total_s', 0):.0f} s on {results['device']} "
         f"({results['threads']} threads)",
+    ]
+    mach = results.get("machine")
+    if mach:
+        lines.append(f"- measured on: {mach.get('cpu_class', '?')} ({mach.get('cpu') or 'unknown CPU'}), torch "
+                     f"{mach.get('torch', '?')}; float training differs across CPU classes, so accuracies "
+                     "from another class differ by a few tenths of a point")
+    lines += [
         "",
         "| phase | test acc % | params | MACs | BOPs | weights Mbit | acts Mbit | memory Mbit | "
         "density %/Mbit | W bits | A bits |",
@@ -58,7 +71,23 @@ def summary_markdown(results: dict[str, Any]) -> str:
             f"{ph['bops']:.3g} | {ph['weight_mbit']:.3f} | {ph['act_mbit']:.3f} | {ph['memory_mbit']:.3f} | "
             f"{ph['density']:.2f} | {_fmt_bits(ph['weight_bits'])} | {_fmt_bits(ph['act_bits'])} |"
         )
-    final = results["phases"].get("final", {})
+    phases = results["phases"]
+    if "pruned" in phases:
+        note = (f"\n\"pruned (no recovery)\" is measured at step {phases['pruned'].get('step', '?')}, the step the "
+                "last mask froze, before any fine-tuning of the pruned network")
+        if "pruned_finetuned" in phases:
+            pf = phases["pruned_finetuned"]
+            note += (f"; \"pruned + fine-tuned\" after {pf.get('finetune_steps', '?')} more steps, just before "
+                     "the first quantizer turned on")
+        lines += [note + "."]
+    sc = results.get("shrink_check")
+    if sc and sc.get("samples"):
+        lines += ["", f"Masked vs physically smaller model on {sc['samples']:,} test images: "
+                      f"{sc['samples_differing']} differ beyond float noise (max abs diff "
+                      f"{sc['max_abs_diff']:.3g}), argmax agreement {100 * sc['argmax_agreement']:.2f} %. "
+                      "The two are the same function; float32 sums in another order can move an activation "
+                      "that sits on a quantizer's rounding boundary to the neighbouring code."]
+    final = phases.get("final", {})
     if final.get("deploy_weight_mbit"):
         lines += ["", f"Memory follows the paper (b bits per weight and activation). Deployed, the final "
                       f"model's weights also need their float32 scales and biases: "
