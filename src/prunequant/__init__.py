@@ -26,6 +26,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Compressor", "GraphError", "LayerBits", "Measurement", "Plan", "PruneConfig", "QuantConfig",
-    "Recipe", "RecipeError", "ScheduleError", "Site", "Timeline", "export_onnx", "load_packed", "measure", "save_packed",
+    "Recipe", "RecipeError", "ScheduleError", "Site", "Timeline", "export_onnx", "load_packed", "measure",
+    "save_packed",
     "__version__",
 ]

@@ -369,7 +369,8 @@ def test_finalize_freezes_everything():
                                  "ordering": "joint"}, _example())
     _train(comp, _data(PRUNE["start"] + 2))  # stop while the first layer still collects
     assert not comp.pruning_done
-    with pytest.raises(ScheduleError, match=r"finalize\(\) at step 4.*4 of 4 layers not pruned.*allow_incomplete"):
+    with pytest.raises(ScheduleError,
+                       match=r"finalize\(\) at step 4.*4 of 4 layers not pruned.*allow_incomplete"):
         comp.finalize()
     assert not any(bool(m.frozen) for m in _masks(comp))  # the refusal changed nothing
     model = comp.finalize(shrink=False, allow_incomplete=True)  # the masked model, frozen in place

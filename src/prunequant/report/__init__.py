@@ -56,7 +56,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
     ]
     mach = results.get("machine")
     if mach:
-        lines.append(f"- measured on: {mach.get('cpu_class', '?')} ({mach.get('cpu') or 'unknown CPU'}), torch "
+        cpu = mach.get("cpu") or "unknown CPU"
+        lines.append(f"- measured on: {mach.get('cpu_class', '?')} ({cpu}), torch "
                      f"{mach.get('torch', '?')}; float training differs across CPU classes, so accuracies "
                      "from another class differ by a few tenths of a point")
     lines += [
@@ -73,12 +74,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
         )
     phases = results["phases"]
     if "pruned" in phases:
-        note = (f"\n\"pruned (no recovery)\" is measured at step {phases['pruned'].get('step', '?')}, the step the "
-                "last mask froze, before any fine-tuning of the pruned network")
+        note = (f"\n\"pruned (no recovery)\" is measured at step {phases['pruned'].get('step', '?')}, the "
+                "step the last mask froze, before any fine-tuning of the pruned network")
         if "pruned_finetuned" in phases:
             pf = phases["pruned_finetuned"]
-            note += (f"; \"pruned + fine-tuned\" after {pf.get('finetune_steps', '?')} more steps, just before "
-                     "the first quantizer turned on")
+            note += (f"; \"pruned + fine-tuned\" after {pf.get('finetune_steps', '?')} more steps, just "
+                     "before the first quantizer turned on")
         lines += [note + "."]
     sc = results.get("shrink_check")
     if sc and sc.get("samples"):

@@ -368,8 +368,8 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         comp = Compressor(model, cfg.recipe, example, steps_per_epoch=spe)
         if comp.total_steps_hint >= comp_steps:
             raise RecipeError(
-                f"train.epochs: {cfg.train.epochs:g} epochs ({comp_steps} steps of {spe} per epoch) end before "
-                f"the compression schedule does (it needs {comp.total_steps_hint + 1} steps: "
+                f"train.epochs: {cfg.train.epochs:g} epochs ({comp_steps} steps of {spe} per epoch) end "
+                f"before the compression schedule does (it needs {comp.total_steps_hint + 1} steps: "
                 f"{comp.timeline.as_dict()}); raise train.epochs to at least "
                 f"{math.ceil(100 * (comp.total_steps_hint + 1) / spe) / 100:g} or shorten the schedule "
                 "(prune.start / interval, quant.weight_delay / act_delay)")
@@ -404,7 +404,8 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         results["phases"].update(snap)
         results["phases"]["final"] = _phase_result(final, data, example, device, cfg)
         bar.phase("checking masked == smaller")
-        results["shrink_check"] = _shrink_check(comp.model, final, data.test, device, cfg.data.eval_batch_size)
+        results["shrink_check"] = _shrink_check(comp.model, final, data.test, device,
+                                                cfg.data.eval_batch_size)
         folder.save_tensors("masked.pt", comp.model.state_dict())
         if comp.plan.sites:
             save_pruned(final, out / "model")
