@@ -198,3 +198,32 @@ def test_conv_bias_is_absorbed_into_the_folded_bias(tmp_path):
     assert "Z" in read_packed(path)[0]["kinds"]  # the zeroed conv biases are not stored
     with torch.no_grad():
         assert torch.equal(load_packed(path, make)(x), folded.eval()(x))
+
+
+@pytest.mark.parametrize("name", ["resnet20", "mobilenetv2"])
+def test_integer_bias_is_the_float_bias_rounded_to_the_accumulator_grid(name):
+    """``fold_batchnorm(integer_bias=True)``: where the conv's input is quantized, each folded bias is
+    an integer multiple of ``s_x * s'_c`` within half a step of the float32 folded bias; elsewhere it is
+    that float bias. Weights and scales are those of the plain fold."""
+    from prunequant.export.fold import input_step
+    from prunequant.graph.discover import weight_quantizer
+
+    model, _ = deployable(name, 8, 8)
+    plain, grid = fold_batchnorm(model), fold_batchnorm(model, integer_bias=True)
+    assert plain.pq_folded == grid.pq_folded
+    n_grid = 0
+    for conv_name, bn_name in fold_pairs(model):
+        a, b = plain.get_submodule(bn_name).bias.double(), grid.get_submodule(bn_name).bias.double()
+        wq = weight_quantizer(grid.get_submodule(conv_name))
+        assert torch.equal(wq.scale(), weight_quantizer(plain.get_submodule(conv_name)).scale())
+        sx = input_step(grid, conv_name)
+        if sx is None:
+            assert torch.equal(a, b)
+            continue
+        n_grid += 1
+        step = (torch.tensor(sx, dtype=torch.float32) * wq.scale()).double()
+        codes = b / step
+        # on the grid, up to float32's rounding of codes * step
+        assert torch.all((codes - codes.round()).abs() <= 1e-3 + 1e-6 * codes.abs()), bn_name
+        assert torch.all((a - b).abs() <= 0.5 * step * (1 + 1e-5) + 1e-6 * a.abs()), bn_name
+    assert n_grid >= 1
