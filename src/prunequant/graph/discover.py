@@ -36,6 +36,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
+import sys
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
@@ -218,12 +219,65 @@ def kept_positions(width: int, taps: list[Tap], masks: dict[str, torch.Tensor]) 
     return keep
 
 
+#: Name of the module attribute holding the train / eval mode; ``get_attr`` nodes reading it (targets
+#: ``"training"`` or ``"<module path>.training"``) give each op the mode the model is in at run time.
+MODE_ATTR = "training"
+
+
+def is_mode_node(n: Any) -> bool:
+    """True for a ``get_attr`` node reading a module's ``training`` flag at run time (see :func:`trace`)."""
+    return isinstance(n, fx.Node) and n.op == "get_attr" and str(n.target).rsplit(".", 1)[-1] == MODE_ATTR
+
+
+def _mode_dependent(n: fx.Node) -> bool:
+    """Whether ``n`` is, or is computed from, a mode node."""
+    todo, seen = [n], set()
+    while todo:
+        m = todo.pop()
+        if is_mode_node(m):
+            return True
+        if m not in seen:
+            seen.add(m)
+            todo.extend(m.all_input_nodes)
+    return False
+
+
+def _mode_functions() -> tuple[list[Any], list[Any]]:
+    """Functions that branch on their mode argument, recorded as one op each, and the modules exposing them.
+
+    torchvision's ``ops.stochastic_depth`` (``if not training: return input``) is wrapped by torchvision
+    only where ``StochasticDepth`` calls it; user code calling ``torchvision.ops.stochastic_depth(...,
+    self.training)`` or importing it by name reaches it too. Looked up only if torchvision is imported.
+    """
+    ops = sys.modules.get("torchvision.ops")
+    fn = getattr(ops, "stochastic_depth", None)
+    if ops is None or not callable(fn):
+        return [], []
+    return [fn], [m for m in (ops, sys.modules.get("torchvision.ops.stochastic_depth")) if m is not None]
+
+
+class _ModeBranch(fx.proxy.TraceError):
+    """Python control flow on ``self.training`` (``if self.training:``) met while tracing."""
+
+
 class _Tracer(fx.Tracer):
+    """``fx.Tracer`` that keeps leaves, records the module of each op and keeps the mode live.
+
+    While a module's ``forward`` is traced, its ``training`` attribute is a proxy of a ``get_attr``
+    node reading the *GraphModule's* flag at the same path, so ``F.dropout(x, p, self.training)``,
+    ``stochastic_depth(..., self.training)`` or ``F.batch_norm(..., training=self.training)`` receive
+    the mode at run time instead of the constant it had while tracing. Python control flow on it
+    raises :class:`_ModeBranch` (handled by :func:`trace`).
+    """
+
     def __init__(self, leaves: set[str] | None = None):
-        super().__init__()
+        fns, where = _mode_functions()
+        super().__init__(autowrap_functions=tuple(fns))
+        self._autowrap_search.extend(where)  # also patched there while tracing (fx's own list of modules)
         self.leaves = leaves or set()
         self.stack: list[str] = []
         self.failed_at: str | None = None
+        self.modes: list[tuple[nn.Module, Any]] = []  # (module, its own flag) while a proxy replaces it
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, (ChannelMask, ActQuantizer)) or parametrize.is_parametrized(m):
@@ -231,6 +285,35 @@ class _Tracer(fx.Tracer):
         if qualname in self.leaves:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        try:
+            return super().trace(root, concrete_args)
+        finally:
+            while self.modes:  # the model gets its own flags back whatever happened
+                m, was = self.modes.pop()
+                m.__dict__[MODE_ATTR] = was
+
+    def create_args_for_root(self, fn, is_module, concrete_args=None):
+        out = super().create_args_for_root(fn, is_module, concrete_args)
+        if is_module:
+            self._live_mode(self.root, "")
+        return out
+
+    def _live_mode(self, m: nn.Module, path: str) -> bool:
+        """Replace ``m.training`` by a proxy reading the flag at ``path`` when the graph runs."""
+        if not isinstance(m.__dict__.get(MODE_ATTR), bool):
+            return False
+        proxy = self.create_proxy("get_attr", f"{path}.{MODE_ATTR}" if path else MODE_ATTR, (), {})
+        self.modes.append((m, m.__dict__[MODE_ATTR]))
+        m.__dict__[MODE_ATTR] = proxy
+        return True
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        if _mode_dependent(obj.node):
+            raise _ModeBranch("forward() branches on self.training (Python control flow on the train / "
+                              "eval mode)")
+        return super().to_bool(obj)
 
     def create_node(self, *args, **kwargs):
         node = super().create_node(*args, **kwargs)
@@ -241,6 +324,7 @@ class _Tracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
         self.stack.append(path)
+        live = not self.is_leaf_module(m, path) and self._live_mode(m, path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -249,6 +333,13 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
+            if live:
+                m_, was = self.modes.pop()
+                m_.__dict__[MODE_ATTR] = was
+
+
+def _holds_layers(m: nn.Module) -> bool:
+    return any(isinstance(s, LAYER_TYPES) for s in m.modules())
 
 
 def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.GraphModule:
@@ -256,6 +347,13 @@ def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.Gra
 
     A submodule that cannot be traced may be named in ``exclude`` (an fnmatch pattern matching its
     path): it is then kept as one opaque call (not pruned, not quantized inside).
+
+    The traced model follows ``.train()`` / ``.eval()`` like the original: every ``self.training``
+    read in a traced ``forward`` becomes a ``get_attr`` node of the flag at that module's path in the
+    GraphModule (``"training"`` for the root), which ``.train()`` / ``.eval()`` set. A submodule whose
+    ``forward`` *branches* on ``self.training`` (``if self.training:``) cannot be recorded that way; it
+    is kept as one opaque call (it then runs eagerly with its own flag) when it holds no conv / linear
+    layer, as torchvision's ``StochasticDepth`` would; otherwise :class:`GraphError` says to exclude it.
     """
     if isinstance(model, fx.GraphModule):
         return model
@@ -267,17 +365,31 @@ def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.Gra
             break
         except Exception as e:  # fx raises many types; all mean "not traceable"
             where = tracer.failed_at or ""
-            if where and where not in leaves and any(fnmatch.fnmatchcase(where, p) for p in exclude):
+            branch = isinstance(e, _ModeBranch)
+            if where and where not in leaves and (
+                    any(fnmatch.fnmatchcase(where, p) for p in exclude)
+                    or branch and not _holds_layers(model.get_submodule(where))):
                 leaves.add(where)
                 continue
             kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
             loc = f"in module '{where}' ({kind})" if where else f"in {kind}.forward"
             hint = (f" Add '{where}' to prune.exclude to keep that module as one opaque block (not "
                     "pruned, not quantized inside)." if where else "")
+            if branch:
+                fix = (f" Add '{where}' to prune.exclude to keep it as one opaque block that follows "
+                       "train() / eval() (not pruned, not quantized inside), or pass" if where else " Pass")
+                raise GraphError(
+                    f"cannot trace {type(model).__name__} with torch.fx: {e} ({loc}) and holds conv / linear "
+                    f"layers; torch.fx would freeze the mode it was traced in.{fix} the flag to an op "
+                    "instead (e.g. F.dropout(x, p, training=self.training))."
+                ) from e
             raise GraphError(
                 f"cannot trace {type(model).__name__} with torch.fx: {type(e).__name__}: {e} ({loc}). "
                 f"Data-dependent control flow in forward() is not supported.{hint}"
             ) from e
+    for n in list(graph.nodes):
+        if is_mode_node(n) and not n.users:
+            graph.erase_node(n)  # modules that never read their flag
     gm = fx.GraphModule(model, graph, class_name=type(model).__name__)
     gm.pq_original_class = type(model).__name__
     gm.pq_leaves = sorted(leaves)
@@ -328,11 +440,17 @@ def _is_zero_act(gm: fx.GraphModule, n: fx.Node) -> bool:
     return False
 
 
+def is_stochastic_depth(f: Any) -> bool:
+    """torchvision's ``ops.stochastic_depth`` (drops whole samples and rescales the rest: zero stays zero)."""
+    return getattr(f, "__name__", None) == "stochastic_depth" and \
+        str(getattr(f, "__module__", "")).startswith("torchvision")
+
+
 def _is_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
     if n.op == "call_module":
         return isinstance(_mod(gm, n), PASS_MODULES)
     if n.op == "call_function":
-        return n.target in PASS_FUNCTIONS
+        return n.target in PASS_FUNCTIONS or is_stochastic_depth(n.target)
     if n.op == "call_method":
         return n.target in PASS_METHODS
     return False
@@ -398,7 +516,7 @@ class _Shapes:
                     shapes[n] = "value"
                 return out
 
-        was = gm.training
+        modes = [(m, m.training) for m in gm.modules()]  # gm shares its leaf modules with the model
         gm.eval()
         try:
             with torch.no_grad():
@@ -406,7 +524,8 @@ class _Shapes:
         except Exception as e:
             raise GraphError(f"the traced model failed on the example input: {type(e).__name__}: {e}") from e
         finally:
-            gm.train(was)
+            for m, was in modes:  # each module's own mode back (a frozen BatchNorm stays in eval mode)
+                m.training = was
 
     @property
     def known(self) -> bool:
@@ -514,7 +633,8 @@ class _Walk:
             self.reject("coupled: is (part of) the model output")
         if _is_layer(gm, u):
             return self.layer(node, st, u, d)
-        tensor_args = [a for a in _node_args(u) if a is not node and sh.get(a) != "value"]
+        tensor_args = [a for a in _node_args(u)
+                       if a is not node and sh.get(a) != "value" and not is_mode_node(a)]
         if _is_zero_act(gm, u) or _is_pass(gm, u):
             other = tensor_args and (not sh.known or any(sh.is_tensor(a) for a in tensor_args))
             if u.args[0] is not node or other:
@@ -1105,5 +1225,5 @@ def raw_weight(module: nn.Module) -> torch.Tensor:
 
 __all__ = [
     "GraphError", "LayerInfo", "Plan", "Rewrite", "Site", "Tap", "discover", "instrument",
-    "kept_positions", "raw_weight", "trace", "weight_quantizer",
+    "is_mode_node", "is_stochastic_depth", "kept_positions", "raw_weight", "trace", "weight_quantizer",
 ]
