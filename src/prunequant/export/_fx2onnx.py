@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..graph.discover import CONV_TYPES, CONVT_TYPES, NORM_TYPES, raw_weight, weight_quantizer
+from ..graph.discover import (
+    CONV_TYPES,
+    CONVT_TYPES,
+    NORM_TYPES,
+    is_mode_node,
+    is_stochastic_depth,
+    raw_weight,
+    weight_quantizer,
+)
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ._checks import ExportError
@@ -181,6 +189,10 @@ def _conv_pads(m: nn.Module, nd: int, name: str) -> list[int]:
     return p + p
 
 
+#: Functional dropouts (identity when their ``training`` argument is False).
+_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
+
+
 class Translator:
     """Walks the fx graph and emits ONNX through a :class:`Builder` and a :class:`QuantStyle`."""
 
@@ -260,6 +272,8 @@ class Translator:
                 self.env[n] = "input"
                 self.b._names.add("input")
                 self.b.shapes["input"] = self.shape(n)
+            elif is_mode_node(n):
+                self.env[n] = False  # a module's training flag: the export computes eval mode
             elif n.op == "get_attr":
                 t = self.gm
                 for part in str(n.target).split("."):
@@ -357,7 +371,8 @@ class Translator:
             return self.instance_norm(n, x, m)
         if isinstance(m, nn.GroupNorm):
             return self.group_norm(n, x, m.num_groups, m.weight, m.bias, m.eps)
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)):
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                          nn.FeatureAlphaDropout, nn.Identity)):
             return x
         if isinstance(m, nn.PixelUnshuffle):
             return self.pixel_unshuffle(n, x, int(m.downscale_factor))
@@ -705,7 +720,12 @@ class Translator:
             return self.hardswish(n, x)
         if f is F.gelu:
             return self.gelu(n, x, kw.get("approximate", "none"))
-        if f in (F.dropout, F.dropout2d):
+        if f in _DROPOUTS or is_stochastic_depth(f):  # identity in eval mode; the flag is live (trace())
+            i = 3 if is_stochastic_depth(f) else 2
+            training = self.val(n.args[i] if len(n.args) > i else kw.get("training", True))
+            p = self.val(n.args[1] if len(n.args) > 1 else kw.get("p", 0.5))
+            if training is not False and p != 0:
+                raise self.fail(n, f"{f.__name__} with training={training!r}: active in eval mode")
             return x
         if f is torch.flatten:
             start = n.args[1] if len(n.args) > 1 else kw.get("start_dim", 0)
