@@ -159,6 +159,16 @@ def test_run_from_dense_checkpoint_checks_it_and_honours_a_private_umask(
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
 
 
+def test_rerun_into_its_own_folder_keeps_dense_pt_usable(run_dir: Path, config: Path) -> None:
+    """--out RUN with RUN/dense.pt as the checkpoint: dense.pt stays listed, checked and reusable."""
+    args = ["run", "--config", str(config), "--out", str(run_dir), "--no-progress",
+            "--set", f"train.dense_checkpoint={run_dir / 'dense.pt'}"]
+    assert main(args) == 0
+    man = json.loads((run_dir / "manifest.json").read_text())
+    assert sorted(man["files"]) == sorted(set(RUN_FILES) - {"manifest.json"})
+    assert main(["export", str(run_dir), "--format", "packed"]) == 0
+
+
 # ------------------------------------------------------------------------------------------- run --out
 def test_out_is_an_existing_file(tmp_path: Path, config: Path, capsys: pytest.CaptureFixture[str]) -> None:
     target = tmp_path / "notes.txt"

@@ -407,6 +407,9 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         results["shrink_check"] = _shrink_check(comp.model, final, data.test, device,
                                                 cfg.data.eval_batch_size)
         folder.save_tensors("masked.pt", comp.model.state_dict())
+        ckpt = cfg.train.dense_checkpoint
+        if ckpt and Path(ckpt).resolve() == (out / "dense.pt").resolve():
+            folder.record("dense.pt")  # this folder's own dense.pt (checked above) stays listed
         if comp.plan.sites:
             save_pruned(final, out / "model")
             folder.record("model/weights.pt", "model/pruning.json")
