@@ -91,9 +91,9 @@ class QuantConfig(_Strict):
                            "clip ratio in [0.5, 1] minimizing the channel's quantization error "
                            "(not in the paper)")
     weight_range: Literal["full", "reduced"] = Field(
-        "full", description="full: b-bit weight codes; reduced: (b-1)-bit codes in b-bit containers "
-                            "(8-bit: |q| <= 64), so that u8s8 integer kernels without VNNI do not "
-                            "saturate (not in the paper)")
+        "full", description="full: b-bit weight codes; reduced: 8-bit weights use 7-bit codes [-64, 63] "
+                            "(other widths unchanged), so that u8s8 integer kernels without VNNI do "
+                            "not saturate (not in the paper)")
     per_layer: dict[str, LayerBits] = Field(default_factory=dict)
 
 

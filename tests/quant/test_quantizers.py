@@ -483,37 +483,37 @@ def test_check_bits_accepts(good):
 
 # ----------------------------------------------------------------------------- reduced weight range
 @settings(max_examples=40, deadline=None)
-@given(bits=st.integers(3, MAX_BITS), kind=st.sampled_from(sorted(WEIGHT_KINDS)), seed=seed_st,
-       stretch=st.floats(0.5, 2.0))
+@given(bits=bits_st, kind=st.sampled_from(sorted(WEIGHT_KINDS)), seed=seed_st, stretch=st.floats(0.5, 2.0))
 def test_reduced_weight_range_grid(bits, kind, seed, stretch):
-    """``weight_range="reduced"``: codes of b-1 bits in a b-bit container, scale max|W_c| / 2**(b-2),
-    the same fake-quantized value as a full-range quantizer of b-1 bits."""
+    """``weight_range="reduced"``: an 8-bit quantizer has 7-bit codes [-64, 63] in its 8-bit container
+    and scale max|W_c| / 64, i.e. it fake-quantizes exactly like a full-range 7-bit quantizer, so two
+    uint8 x int8 products never leave int16; every other width is the full-range quantizer."""
     shape, axis = WEIGHT_KINDS[kind]
     channels = None if axis is None else shape[axis]
     ax = 0 if axis is None else axis
     red = WeightQuantizer(bits, channels=channels, axis=ax, weight_range="reduced")
-    full_lower = WeightQuantizer(bits - 1, channels=channels, axis=ax)
-    assert (red.qmin, red.qmax) == (-(2 ** (bits - 2)), 2 ** (bits - 2) - 1)
-    assert red.bits == bits and red.code_bits == bits - 1
+    code_bits = 7 if bits == 8 else bits
+    same = WeightQuantizer(code_bits, channels=channels, axis=ax)
+    assert (red.qmin, red.qmax) == (-(2 ** (code_bits - 1)), 2 ** (code_bits - 1) - 1)
+    assert red.bits == bits and red.code_bits == code_bits
     w = _rand(shape, seed)
     red.observe(w)
-    full_lower.observe(w)
-    np.testing.assert_allclose(red.scale().double().numpy(), _expected_scale([w.numpy()], bits - 1, axis),
+    same.observe(w)
+    np.testing.assert_allclose(red.scale().double().numpy(), _expected_scale([w.numpy()], code_bits, axis),
                                rtol=1e-6)
     red.enabled.fill_(True)
-    full_lower.enabled.fill_(True)
+    same.enabled.fill_(True)
     w2 = _rand(shape, seed + 1, spread=stretch)
     codes = red.int_codes(w2).numpy()
     assert codes.min() >= red.qmin and codes.max() <= red.qmax
-    if bits == 8:  # the u8s8 bound: two products of a uint8 activation never leave int16
+    if bits <= 8:  # the u8s8 bound: two products with a uint8 activation never leave int16
         assert 2 * 255 * np.abs(codes).max() <= 2**15 - 1
-    torch.testing.assert_close(red(w2), full_lower(w2), rtol=0, atol=0)
-    np.testing.assert_array_equal(codes, full_lower.int_codes(w2).numpy())
+    torch.testing.assert_close(red(w2), same(w2), rtol=0, atol=0)
+    np.testing.assert_array_equal(codes, same.int_codes(w2).numpy())
 
 
-def test_reduced_weight_range_needs_three_bits_and_a_known_name():
-    with pytest.raises(ValueError, match="weight_bits >= 3"):
-        WeightQuantizer(2, weight_range="reduced")
+def test_reduced_weight_range_needs_a_known_name():
     with pytest.raises(ValueError, match="weight_range must be one of"):
         WeightQuantizer(8, weight_range="7bit")
     assert "weight_range=reduced" in repr(WeightQuantizer(8, weight_range="reduced"))
+    assert (WeightQuantizer(8, weight_range="reduced").qmin, WeightQuantizer(8).qmin) == (-64, -128)

@@ -1112,8 +1112,8 @@ def instrument(
             :class:`~prunequant.quant.quantizers.ActQuantizer`).
         weight_clip: ``"max"`` (the paper's weight scale) or ``"mse"`` (MSE-optimal clipped max, see
             :class:`~prunequant.quant.quantizers.WeightQuantizer`).
-        weight_range: ``"full"`` b-bit weight codes or ``"reduced"`` (b-1)-bit codes in b-bit
-            containers, for integer kernels that would saturate (see ``prunequant.export.cpu``).
+        weight_range: ``"full"`` b-bit weight codes or ``"reduced"`` (7-bit codes in 8-bit weights),
+            for integer kernels that would saturate (see ``prunequant.export.cpu``).
         example_input: a batch used to record tensor shapes; needed to follow channels through
             concatenations, splits and views (without it those activations are not pruned).
     """

@@ -35,7 +35,7 @@ def check_bits(bits: int, field: str = "bits") -> int:
 
 #: weight-scale statistics: the paper's max, or the MSE-optimal clipped max.
 WEIGHT_CLIPS = ("max", "mse")
-#: weight code ranges: ``full`` b-bit codes, or ``reduced`` (b-1)-bit codes inside b-bit containers.
+#: weight code ranges: ``full`` b-bit codes, or ``reduced``: 7-bit codes in 8-bit weights.
 WEIGHT_RANGES = ("full", "reduced")
 #: candidate clip ratios for ``clip="mse"``: 0.50, 0.52, ..., 1.00.
 CLIP_RATIOS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))
@@ -123,11 +123,11 @@ class WeightQuantizer(nn.Module):
         power_of_two: round the scale to the nearest power of two (shift-only hardware).
         clip: ``"max"`` (the paper's ``max|W_c| / 2**(b-1)``) or ``"mse"`` (that scale times the
             ratio in :data:`CLIP_RATIOS` that minimizes the channel's quantization error at this step).
-        weight_range: ``"full"`` (codes in ``[-2**(b-1), 2**(b-1)-1]``) or ``"reduced"``: codes of
-            ``b-1`` bits, ``[-2**(b-2), 2**(b-2)-1]``, stored in a b-bit container (scale
-            ``max|W_c| / 2**(b-2)``). At 8 bits that is ``|q| <= 64``, which integer u8s8 kernels
-            without VNNI sum without 16-bit saturation (see ``prunequant.export.cpu``). Needs
-            ``bits >= 3``.
+        weight_range: ``"full"`` (codes in ``[-2**(b-1), 2**(b-1)-1]``) or ``"reduced"``: an 8-bit
+            quantizer uses 7-bit codes ``[-64, 63]`` in its 8-bit container (scale ``max|W_c| / 64``),
+            which integer u8s8 kernels without VNNI sum without 16-bit saturation (see
+            ``prunequant.export.cpu``). Other widths are unchanged: up to 7 bits the codes fit
+            already, and wider weights use 16-bit containers that no 8-bit kernel reads.
     """
 
     def __init__(self, bits: int, channels: int | None = None, axis: int = 0, power_of_two: bool = False,
@@ -138,9 +138,6 @@ class WeightQuantizer(nn.Module):
             raise ValueError(f"weight_clip must be one of {list(WEIGHT_CLIPS)}, got {clip!r}")
         if weight_range not in WEIGHT_RANGES:
             raise ValueError(f"weight_range must be one of {list(WEIGHT_RANGES)}, got {weight_range!r}")
-        if weight_range == "reduced" and self.bits < 3:
-            raise ValueError(f"weight_range 'reduced' needs weight_bits >= 3 (its codes have one bit less), "
-                             f"got {self.bits}")
         self.clip = clip
         self.weight_range = weight_range
         self.axis = axis
@@ -153,8 +150,8 @@ class WeightQuantizer(nn.Module):
 
     @property
     def code_bits(self) -> int:
-        """Bits of the integer codes: ``bits``, or ``bits - 1`` for ``weight_range="reduced"``."""
-        return self.bits - (self.weight_range == "reduced")
+        """Bits of the integer codes: ``bits``, or 7 for an 8-bit ``weight_range="reduced"`` quantizer."""
+        return 7 if self.weight_range == "reduced" and self.bits == 8 else self.bits
 
     @property
     def qmin(self) -> int:
