@@ -43,11 +43,24 @@ def _first_existing(path: Path) -> Path:
     return p
 
 
+def _older_run(path: Path) -> bool:
+    """Whether ``path`` is the folder of a run by a prunequant without manifests (its report.json)."""
+    report = path / "report.json"
+    try:
+        if not report.is_file() or report.stat().st_size > 1 << 24:
+            return False
+        data = json.loads(report.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and "prunequant_version" in data and "schema_version" in data
+
+
 def check_out_dir(path: str | Path, field: str = "--out") -> Path:
     """Refuse an output folder that cannot be written, or whose files a run would clobber.
 
     Accepted: a folder that does not exist yet (under a writable folder), or an existing folder
-    that holds none of :data:`RUN_ENTRIES` or is an earlier run's folder (has ``manifest.json``).
+    that holds none of :data:`RUN_ENTRIES` or is an earlier run's folder (has ``manifest.json``, or,
+    written by an older prunequant, a ``report.json`` of a run).
     Checks only; creates nothing. Raises :class:`RecipeError` naming ``field``.
     """
     p = Path(path)
@@ -63,12 +76,12 @@ def check_out_dir(path: str | Path, field: str = "--out") -> Path:
     if not os.access(anc, os.W_OK | os.X_OK):
         raise RecipeError(f"{field} {p}: cannot write into {anc} (permission denied); choose a folder "
                           "you can write to")
-    if p.is_dir() and not (p / MANIFEST).is_file():
+    if p.is_dir() and not (p / MANIFEST).is_file() and not _older_run(p):
         clash = sorted(n for n in RUN_ENTRIES if (p / n).exists())
         if clash:
             raise RecipeError(
-                f"{field} {p}: the folder holds {', '.join(clash)} but no {MANIFEST}, so it is not a run "
-                "folder of this prunequant (or an older one's) and a run would overwrite those files; "
+                f"{field} {p}: the folder holds {', '.join(clash)} but neither a {MANIFEST} nor the "
+                "report.json of a run, so prunequant did not write them, and a run would overwrite them; "
                 "choose a new or empty folder, or move them away (nothing was written)")
     return p
 

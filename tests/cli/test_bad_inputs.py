@@ -25,6 +25,7 @@ import yaml
 from prunequant.cli import main
 from prunequant.graph.persist import record_digest
 from prunequant.models import build_model
+from prunequant.recipe import RecipeError
 
 TINY = {
     "model": {"name": "resnet20", "width": 0.25},
@@ -200,8 +201,23 @@ def test_out_holds_foreign_files(tmp_path: Path, config: Path, capsys: pytest.Ca
     (tmp_path / "mine" / "report.json").write_text("my own report\n")
     before = _snapshot(tmp_path)
     _fails(["run", "--config", str(config), "--out", str(tmp_path / "mine")], capsys,
-           "holds report.json but no manifest.json", "nothing was written")
+           "holds report.json but neither a manifest.json nor the report.json of a run",
+           "nothing was written")
     assert _snapshot(tmp_path) == before
+
+
+def test_out_may_be_an_older_run_folder(tmp_path: Path) -> None:
+    """A folder an older prunequant wrote (report.json of a run, no manifest) may be run into again."""
+    from prunequant.runfolder import check_out_dir
+    from prunequant.utils import atomic_write_json
+
+    old = tmp_path / "old"
+    atomic_write_json(old / "report.json", {"schema_version": 1, "prunequant_version": "0.1.0"})
+    (old / "dense.pt").write_bytes(b"")
+    assert check_out_dir(old) == old
+    (old / "report.json").write_text('{"schema_version": 1')  # not a report: refused
+    with pytest.raises(RecipeError, match="neither a manifest.json nor the report.json of a run"):
+        check_out_dir(old)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
@@ -443,3 +459,20 @@ def test_atomic_write_failure_keeps_the_old_file(tmp_path: Path) -> None:
         atomic_write(tmp_path / "a.txt", half)
     assert (tmp_path / "a.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]  # no temporary file left
+
+
+def test_a_real_process_prints_one_line_and_exits_2(tmp_path: Path, config: Path) -> None:
+    """The same through the console entry point in a fresh interpreter: stderr is the message alone."""
+    import subprocess
+    import sys
+
+    sentinel = tmp_path / "PWNED"
+    torch.save({"conv1.weight": Payload(sentinel)}, tmp_path / "evil.pt", pickle_module=pickle)
+    r = subprocess.run([sys.executable, "-m", "prunequant.cli", "run", "--config", str(config), "--out",
+                        str(tmp_path / "o"), "--set", f"train.dense_checkpoint={tmp_path / 'evil.pt'}"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [f"error: train.dense_checkpoint: {tmp_path / 'evil.pt'} holds Python "
+                                     "objects, not only tensors; refused without running them (only state "
+                                     "dicts written by torch.save / prunequant are loaded)"]
+    assert not sentinel.exists() and not (tmp_path / "o").exists()
