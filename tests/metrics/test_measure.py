@@ -259,3 +259,15 @@ def test_measure_right_after_construction_with_live_quantizers():
     macs = 8 * 3 * 9 * hw + 6 * 8 * 9 * hw + 96 * 10
     assert m.macs == macs and m.bops == macs * 4 * 8
     assert all(bool(q.enabled) and float(q.stat_count) == 0 for q in aqs)
+
+
+@pytest.mark.parametrize("root_training", [True, False])
+def test_measure_keeps_every_module_mode(root_training: bool) -> None:
+    """measure() runs in eval mode and gives each module its own mode back (a frozen BatchNorm stays)."""
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=16, width=0.25)
+    model.train(root_training)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.train(not root_training)
+    before = [m.training for m in model.modules()]
+    measure(model, torch.randn(2, 3, 16, 16))
+    assert [m.training for m in model.modules()] == before

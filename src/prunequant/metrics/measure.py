@@ -170,14 +170,15 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
     # yet (e.g. right after Compressor() with act_delay 0) passes through instead of raising.
     unready = [m for m in model.modules() if isinstance(m, ActQuantizer) and bool(m.enabled)
                and float(m.stat_count) <= 0]
-    was = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (a frozen BatchNorm)
     try:
         for m in unready:
             m.enabled.fill_(False)
         model.eval()
         model(example_input[:1])
     finally:
-        model.train(was)
+        for m, was in modes:
+            m.training = was
         for m in unready:
             m.enabled.fill_(True)
         for h in handles:
