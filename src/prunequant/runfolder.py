@@ -80,9 +80,9 @@ def check_out_dir(path: str | Path, field: str = "--out") -> Path:
         clash = sorted(n for n in RUN_ENTRIES if (p / n).exists())
         if clash:
             raise RecipeError(
-                f"{field} {p}: the folder holds {', '.join(clash)} but neither a {MANIFEST} nor the "
-                "report.json of a run, so prunequant did not write them, and a run would overwrite them; "
-                "choose a new or empty folder, or move them away (nothing was written)")
+                f"{field} {p}: holds {', '.join(clash)}, which no prunequant run wrote (there is no "
+                f"{MANIFEST} and no run's report.json) and a run would overwrite; choose a new or empty "
+                "folder, or move them away (nothing was written)")
     return p
 
 

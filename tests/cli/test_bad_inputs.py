@@ -201,7 +201,7 @@ def test_out_holds_foreign_files(tmp_path: Path, config: Path, capsys: pytest.Ca
     (tmp_path / "mine" / "report.json").write_text("my own report\n")
     before = _snapshot(tmp_path)
     _fails(["run", "--config", str(config), "--out", str(tmp_path / "mine")], capsys,
-           "holds report.json but neither a manifest.json nor the report.json of a run",
+           "holds report.json, which no prunequant run wrote",
            "nothing was written")
     assert _snapshot(tmp_path) == before
 
@@ -216,7 +216,7 @@ def test_out_may_be_an_older_run_folder(tmp_path: Path) -> None:
     (old / "dense.pt").write_bytes(b"")
     assert check_out_dir(old) == old
     (old / "report.json").write_text('{"schema_version": 1')  # not a report: refused
-    with pytest.raises(RecipeError, match="neither a manifest.json nor the report.json of a run"):
+    with pytest.raises(RecipeError, match="no prunequant run wrote"):
         check_out_dir(old)
 
 

@@ -166,7 +166,8 @@ def _read_record(src: Path) -> tuple[dict[str, Any], Path]:
                          f"reads version {VERSION}; re-save the model with save_pruned or re-run)")
     if record.get(DIGEST) != record_digest(record):
         raise GraphError(f"{rec_path}: the record's content differs from its checksum ({DIGEST}): it "
-                         "was edited or damaged after save_pruned wrote it; re-save the model")
+                         "was edited or damaged after save_pruned wrote it; re-save the model (save_pruned) "
+                         "or re-run `prunequant run`")
     name = record.get("weights", WEIGHTS)
     weights = src / str(name)
     if not isinstance(name, str) or weights.parent != src:
