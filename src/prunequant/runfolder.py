@@ -104,10 +104,17 @@ def read_manifest(run_dir: str | Path) -> dict[str, dict[str, Any]] | None:
                           f"version {VERSION})")
     files = data.get("files")
     if not isinstance(files, dict) or not all(
-            isinstance(k, str) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
+            isinstance(k, str) and _inside(k) and isinstance(v, dict) and isinstance(v.get("sha256"), str)
             and isinstance(v.get("bytes"), int) for k, v in files.items()):
-        raise RecipeError(f"{path}: malformed 'files' table (expected name -> {{sha256, bytes}})")
+        raise RecipeError(f"{path}: malformed 'files' table (expected relative names inside the run folder "
+                          "-> {sha256, bytes})")
     return files
+
+
+def _inside(name: str) -> bool:
+    """A relative name that stays inside the run folder (no absolute path, no '..')."""
+    p = Path(name)
+    return bool(name) and not p.is_absolute() and ".." not in p.parts
 
 
 def _write_manifest(run_dir: Path, files: dict[str, dict[str, Any]]) -> None:

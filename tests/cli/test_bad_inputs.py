@@ -409,6 +409,24 @@ def test_export_truncated_manifest(run_dir: Path, capsys: pytest.CaptureFixture[
     _export_fails(run_dir, capsys, "manifest.json: not valid JSON")
 
 
+def test_export_manifest_naming_a_file_outside_the_run(run_dir: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    man = json.loads((run_dir / "manifest.json").read_text())
+    man["files"]["../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+    (run_dir / "manifest.json").write_text(json.dumps(man))
+    _export_fails(run_dir, capsys, "manifest.json: malformed 'files' table", "inside the run folder")
+
+
+def test_export_a_run_that_pruned_nothing(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    man = json.loads((run_dir / "manifest.json").read_text())
+    for name in ("model/pruning.json", "model/weights.pt"):
+        del man["files"][name]
+        (run_dir / name).unlink()
+    (run_dir / "model").rmdir()
+    (run_dir / "manifest.json").write_text(json.dumps(man))
+    _export_fails(run_dir, capsys, "no model/ in this run (its recipe pruned nothing)")
+
+
 def test_export_unfinished_run(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """A re-run in the same folder that stopped before its report: the old report.json is not its."""
     man = json.loads((run_dir / "manifest.json").read_text())
