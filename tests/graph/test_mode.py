@@ -219,6 +219,38 @@ def test_tracing_leaves_the_original_modes_alone() -> None:
     assert gm.get_submodule("bn1") is model.bn1 and not gm.bn1.training
 
 
+class ChildFlag(nn.Module):
+    """Reads a child's flag: ``self.drop.training`` (and calls a child's ``forward`` directly)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.drop = nn.Dropout(0.4)
+        self.sd = tv.ops.StochasticDepth(0.5, "row")
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.dropout(F.relu(self.c1(x)), self.drop.p, self.drop.training)
+        x = self.sd.forward(x)
+        return self.fc(x.mean([2, 3]))
+
+
+def test_child_flags_and_direct_forward_calls_follow_the_mode() -> None:
+    torch.manual_seed(0)
+    model, x = ChildFlag().eval(), _x()
+    gm, plan = instrument(model, example_input=x)
+    assert [s.name for s in plan.sites] == ["c1"]
+    for net in (model, gm):  # only the children: the root's own flag is not read
+        net.drop.train()
+        net.sd.train()
+    ref = _seeded(model, x, 6)
+    assert torch.equal(_seeded(gm, x, 6), ref)
+    assert not torch.equal(_seeded(gm, x, 7), ref)
+    gm.eval()
+    model.eval()
+    assert torch.equal(_seeded(gm, x, 6), _seeded(model, x, 7))
+
+
 class ConvBranch(nn.Module):
     def __init__(self):
         super().__init__()

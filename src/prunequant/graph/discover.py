@@ -263,11 +263,11 @@ class _ModeBranch(fx.proxy.TraceError):
 class _Tracer(fx.Tracer):
     """``fx.Tracer`` that keeps leaves, records the module of each op and keeps the mode live.
 
-    While a module's ``forward`` is traced, its ``training`` attribute is a proxy of a ``get_attr``
-    node reading the *GraphModule's* flag at the same path, so ``F.dropout(x, p, self.training)``,
-    ``stochastic_depth(..., self.training)`` or ``F.batch_norm(..., training=self.training)`` receive
-    the mode at run time instead of the constant it had while tracing. Python control flow on it
-    raises :class:`_ModeBranch` (handled by :func:`trace`).
+    While tracing, every module's ``training`` attribute is a proxy of a ``get_attr`` node reading the
+    *GraphModule's* flag at the same path, so ``F.dropout(x, p, self.training)``,
+    ``stochastic_depth(..., self.training)`` or ``F.batch_norm(..., training=self.training)`` (also
+    with a child's flag, ``self.drop.training``) receive the mode at run time instead of the constant
+    it had while tracing. Python control flow on it raises :class:`_ModeBranch` (see :func:`trace`).
     """
 
     def __init__(self, leaves: set[str] | None = None):
@@ -296,18 +296,14 @@ class _Tracer(fx.Tracer):
 
     def create_args_for_root(self, fn, is_module, concrete_args=None):
         out = super().create_args_for_root(fn, is_module, concrete_args)
-        if is_module:
-            self._live_mode(self.root, "")
+        if is_module:  # every module's flag, read at its path when the graph runs (unused ones erased)
+            for path, m in self.root.named_modules():
+                if isinstance(m.__dict__.get(MODE_ATTR), bool):
+                    target = f"{path}.{MODE_ATTR}" if path else MODE_ATTR
+                    proxy = self.create_proxy("get_attr", target, (), {})
+                    self.modes.append((m, m.__dict__[MODE_ATTR]))
+                    m.__dict__[MODE_ATTR] = proxy
         return out
-
-    def _live_mode(self, m: nn.Module, path: str) -> bool:
-        """Replace ``m.training`` by a proxy reading the flag at ``path`` when the graph runs."""
-        if not isinstance(m.__dict__.get(MODE_ATTR), bool):
-            return False
-        proxy = self.create_proxy("get_attr", f"{path}.{MODE_ATTR}" if path else MODE_ATTR, (), {})
-        self.modes.append((m, m.__dict__[MODE_ATTR]))
-        m.__dict__[MODE_ATTR] = proxy
-        return True
 
     def to_bool(self, obj: fx.Proxy) -> bool:
         if _mode_dependent(obj.node):
@@ -324,7 +320,6 @@ class _Tracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         path = self.path_of_module(m)
         self.stack.append(path)
-        live = not self.is_leaf_module(m, path) and self._live_mode(m, path)
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
@@ -333,9 +328,6 @@ class _Tracer(fx.Tracer):
             raise
         finally:
             self.stack.pop()
-            if live:
-                m_, was = self.modes.pop()
-                m_.__dict__[MODE_ATTR] = was
 
 
 def _holds_layers(m: nn.Module) -> bool:
@@ -348,12 +340,12 @@ def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.Gra
     A submodule that cannot be traced may be named in ``exclude`` (an fnmatch pattern matching its
     path): it is then kept as one opaque call (not pruned, not quantized inside).
 
-    The traced model follows ``.train()`` / ``.eval()`` like the original: every ``self.training``
-    read in a traced ``forward`` becomes a ``get_attr`` node of the flag at that module's path in the
+    The traced model follows ``.train()`` / ``.eval()`` like the original: every read of a module's
+    ``training`` in traced code becomes a ``get_attr`` node of the flag at that module's path in the
     GraphModule (``"training"`` for the root), which ``.train()`` / ``.eval()`` set. A submodule whose
-    ``forward`` *branches* on ``self.training`` (``if self.training:``) cannot be recorded that way; it
-    is kept as one opaque call (it then runs eagerly with its own flag) when it holds no conv / linear
-    layer, as torchvision's ``StochasticDepth`` would; otherwise :class:`GraphError` says to exclude it.
+    ``forward`` *branches* on the mode (``if self.training:``) cannot be recorded that way; it is kept
+    as one opaque call (it then runs eagerly with its own flag) when it holds no conv / linear layer;
+    otherwise, and when the model's own ``forward`` branches, :class:`GraphError` names it.
     """
     if isinstance(model, fx.GraphModule):
         return model
