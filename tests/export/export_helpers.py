@@ -157,7 +157,9 @@ def eval_inputs(name: str) -> torch.Tensor:
 
 def deployable(name: str, wb: int, ab: int, weight_range: str = "full"):
     """The model to export: shrunk when shrink exists, else the masked one."""
-    fm, small, ex = compressed(name, wb, ab, weight_range)
+    # full range: the same cache entry as compressed(name, wb, ab) (each model is trained once)
+    args = (name, wb, ab) if weight_range == "full" else (name, wb, ab, weight_range)
+    fm, small, ex = compressed(*args)
     return (small if small is not None else fm), ex
 
 
