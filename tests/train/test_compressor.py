@@ -536,3 +536,17 @@ def test_train_mode_loop_does_not_warn():
         _train(comp, _data(comp.total_steps_hint + 1))
     assert comp.pruning_done and comp.schedule_done and comp.incomplete() == []
     comp.finalize()
+
+
+@pytest.mark.parametrize("root_training", [True, False])
+def test_construction_keeps_every_module_mode(root_training: bool) -> None:
+    """Compressor() runs the model once in eval mode; a frozen BatchNorm of the user's model stays frozen."""
+    model = build_model("resnet20", num_classes=10, in_channels=3, image_size=16, width=0.25)
+    model.train(root_training)
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn.train(not root_training)
+    before = [m.training for m in model.modules()]
+    comp = Compressor(model, {"prune": {"sparsity": 0.5, "unit": "steps", "start": 1, "interval": 1,
+                                        "refresh": 1}, "quant": None}, torch.randn(2, 3, 16, 16))
+    assert [m.training for m in model.modules()] == before
+    assert comp.model.training == root_training and bn.training == (not root_training)

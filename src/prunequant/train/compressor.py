@@ -185,10 +185,11 @@ class Compressor:
         self.spec, self.timeline = self._build_timeline()
         self._rng_scores = self._random_scores() if p is not None and p.importance == "random" else None
         with torch.no_grad():  # fail early, with the model's own error, if it does not run
-            was = self.model.training
+            modes = [(m, m.training) for m in self.model.modules()]  # shared with the user's model
             self.model.eval()
             self.model(example_input)
-            self.model.train(was)
+            for m, was in modes:  # each module's own mode back (a frozen BatchNorm stays in eval mode)
+                m.training = was
         # After the check: step 0 may enable activation quantizers, which have no statistics yet
         # (an eval forward through them would raise).
         self._apply(0)
