@@ -15,7 +15,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from prunequant.quant.quantizers import (
@@ -484,6 +484,8 @@ def test_check_bits_accepts(good):
 # ----------------------------------------------------------------------------- reduced weight range
 @settings(max_examples=40, deadline=None)
 @given(bits=bits_st, kind=st.sampled_from(sorted(WEIGHT_KINDS)), seed=seed_st, stretch=st.floats(0.5, 2.0))
+@example(bits=8, kind="conv", seed=0, stretch=2.0)  # the width it changes, always drawn
+@example(bits=8, kind="linear", seed=1, stretch=1.5)
 def test_reduced_weight_range_grid(bits, kind, seed, stretch):
     """``weight_range="reduced"``: an 8-bit quantizer has 7-bit codes [-64, 63] in its 8-bit container
     and scale max|W_c| / 64, i.e. it fake-quantizes exactly like a full-range 7-bit quantizer, so two

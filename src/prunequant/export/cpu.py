@@ -26,6 +26,7 @@ import ctypes
 import functools
 import mmap
 import platform
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,7 +84,8 @@ class CpuFeatures:
         return d
 
 
-def _machine_code(code: bytes, restype: type, argtypes: list[type]):  # noqa: ANN202
+def _machine_code(code: bytes, restype: type | None, argtypes: list[type]) -> tuple[Callable, mmap.mmap]:
+    """A callable for x86-64 machine code in an executable anonymous mapping (kept alive by the caller)."""
     buf = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
     buf.write(code)
     addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
@@ -168,6 +170,12 @@ def _class_name(arch: str, flags: set[str]) -> str:
     return "x86-64 without AVX2"
 
 
+def _saturating(arch: str, flags: set[str]) -> bool:
+    """x86-64 whose widest 8-bit kernel is AVX2 / AVX-512 BW ``vpmaddubsw`` (no VNNI, no AMX)."""
+    x86 = arch.lower() in ("x86_64", "amd64")
+    return x86 and bool({"avx2", "avx512bw"} & flags) and not {"avx512_vnni", "avx_vnni", "amx_int8"} & flags
+
+
 @functools.cache
 def cpu_features() -> CpuFeatures:
     """The integer-kernel features of the CPU this process runs on (cached)."""
@@ -186,11 +194,8 @@ def cpu_features() -> CpuFeatures:
             source = "/proc/cpuinfo"
         except OSError:
             pass
-    x86 = arch.lower() in ("x86_64", "amd64")
-    saturating = x86 and bool({"avx2", "avx512bw"} & flags) and not ({"avx512_vnni", "avx_vnni", "amx_int8"}
-                                                                      & flags)
     return CpuFeatures(name=_class_name(arch, flags), brand=brand or platform.processor(), arch=arch,
-                       flags=tuple(sorted(flags)), source=source, saturating_u8s8=saturating)
+                       flags=tuple(sorted(flags)), source=source, saturating_u8s8=_saturating(arch, flags))
 
 
 __all__ = ["FLAGS", "CpuFeatures", "cpu_features"]
