@@ -21,8 +21,11 @@ float rounding. Such a graph runs in float on ONNX Runtime's CPU provider (the Q
 executed, no integer kernel is selected). ``fold_bn=True`` folds each conv's BatchNorm into its
 per-channel weight scales (``s_c * |g_c|``, integer codes negated where ``g_c < 0``) and an INT32
 bias with scale ``s_x * s_w``: the standard QDQ conv pattern, which ONNX Runtime turns into
-``QLinearConv`` (integer arithmetic) at 8 bits. The bias rounding and the integer requantization
-are not what the model was trained with, so outputs then differ slightly more (docs/export.md).
+``QLinearConv`` (integer arithmetic) at 8 bits. The bias rounding is not what the model was trained
+with; ``fold_batchnorm(model, integer_bias=True)`` is the exact PyTorch form of such a file
+(docs/export.md). ONNX Runtime's default session fuses 8-bit Q/DQ into integer kernels, which
+saturate with full-range 8-bit weights on x86-64 CPUs without VNNI (``prunequant.export.cpu``,
+``quant.weight_range``).
 """
 
 from __future__ import annotations
@@ -291,9 +294,10 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
             containers with clipping (for runtimes without 4-bit support).
         fold_bn: (qdq only) fold each BatchNorm that follows a conv into the conv's per-channel weight
             scales and an INT32 bias (``s_x * s_w`` scale), the pattern integer kernels (ONNX Runtime
-            QLinearConv, TensorRT) consume. The integer weight codes are unchanged; the result equals
-            the trained model up to float rounding (and the bias rounding, below one accumulator
-            step), not bit for bit, so it is off by default.
+            QLinearConv, TensorRT) consume. The integer weight codes are unchanged; the bias is
+            rounded to one accumulator step, so the file equals
+            ``fold_batchnorm(model, integer_bias=True)``, not the trained model bit for bit: off by
+            default.
 
     Raises:
         ExportError: not quantized, not finalized, an op the translator does not support, ...
