@@ -282,10 +282,56 @@ class RootBranch(BranchNet):
 
 
 def test_module_with_layers_branching_on_mode_is_named() -> None:
-    with pytest.raises(GraphError, match=r"self\.training.*module 'blk' \(ConvBranch\).*prune\.exclude"):
+    """The branch changes the graph: refused, naming the module (and exclude where it helps)."""
+    with pytest.raises(GraphError, match=r"module 'blk' \(ConvBranch\) branches on self\.training.*"
+                                         r"differs between the two modes.*'blk' to prune\.exclude"):
         instrument(BranchNet(), example_input=_x())
-    with pytest.raises(GraphError, match=r"self\.training.*RootBranch\.forward"):
+    with pytest.raises(GraphError, match=r"RootBranch\.forward branches on self\.training.*differs"):
         instrument(RootBranch(), example_input=_x())
+
+
+class AuxHead(BranchNet):
+    """GoogLeNet / Inception style: an auxiliary output only in train mode, switched off here."""
+
+    def __init__(self, aux: bool):
+        super().__init__()
+        self.aux = aux
+        self.aux_fc = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor):
+        x = F.relu(self.c1(x))
+        aux = self.aux_fc(x.mean([2, 3])) if self.training and self.aux else None
+        x = F.dropout(self.blk.conv(x), 0.3, self.blk.training)
+        out = self.fc(x.mean([2, 3]))
+        if self.training and self.aux:
+            return out, aux
+        return out
+
+
+def test_branch_that_does_not_change_the_graph_is_kept() -> None:
+    """``if self.training and self.aux:`` with ``aux`` False: the same graph in both modes, traced once."""
+    torch.manual_seed(0)
+    model, x = AuxHead(aux=False), _x()
+    gm, plan = instrument(model, example_input=x)
+    assert [s.name for s in plan.sites] == ["c1"]
+    for training in (True, False, True):
+        model.train(training)
+        gm.train(training)
+        assert torch.equal(_seeded(gm, x, 5), _seeded(model, x, 5))
+    assert not torch.equal(_seeded(gm, x, 5), _seeded(gm, x, 6))  # the dropout's flag is still live
+    with pytest.raises(GraphError, match=r"AuxHead\.forward branches on self\.training.*differs"):
+        instrument(AuxHead(aux=True), example_input=x)
+
+
+def test_torchvision_googlenet_without_aux_logits_follows_the_mode() -> None:
+    torch.manual_seed(0)
+    model = tv.models.googlenet(weights=None, aux_logits=False, init_weights=False)
+    x = _x((2, 3, 64, 64))
+    gm, _ = instrument(model, prune_stat="none", example_input=x)
+    for training in (False, True):
+        model.train(training)
+        gm.train(training)
+        assert torch.equal(_seeded(gm, x, 8), _seeded(model, x, 8))
 
 
 def test_excluded_branching_module_follows_the_mode() -> None:
