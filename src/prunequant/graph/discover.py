@@ -3,8 +3,8 @@
 A *site* is a prunable activation: the output of a producer chain
 ``conv/linear -> [BatchNorm | GroupNorm | InstanceNorm | PixelShuffle]* -> activation`` whose every use
 leads, through ops that keep each channel separate and map zero to zero, into the input channels
-of conv / linear layers. Those ops are pooling, dropout, padding, upsampling, zero-preserving
-activations, flatten / view-as-flatten (each channel becomes a block of features of the next
+of conv / linear layers. Those ops are pooling, dropout, stochastic depth, padding, upsampling,
+zero-preserving activations, flatten / view-as-flatten (each channel becomes a block of features of the next
 linear layer), ``torch.cat`` along channels (the site's channels sit at an offset of the consumer's
 input), ``chunk`` / ``split`` / ``x[:, a:b]`` along channels (each piece keeps its share),
 PixelShuffle / PixelUnshuffle (blocks of ``r**2`` channels move together), multiplication by a scalar
@@ -28,7 +28,9 @@ Instrumentation (:func:`instrument`) traces the model with ``torch.fx``, inserts
 :class:`~prunequant.prune.mask.ChannelMask` after every site's activation, a
 :class:`~prunequant.quant.quantizers.ActQuantizer` on the input of every conv / linear layer and a
 :class:`~prunequant.quant.quantizers.WeightQuantizer` as a parametrization of its ``weight``.
-The returned ``GraphModule`` shares the parameters of the original model.
+The returned ``GraphModule`` shares the parameters of the original model and follows
+``.train()`` / ``.eval()`` like it: ops that take the mode (dropouts, stochastic depth, functional
+norms) read the GraphModule's flags when it runs, not the mode it was traced in (see :func:`trace`).
 """
 
 from __future__ import annotations
