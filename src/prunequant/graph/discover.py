@@ -346,6 +346,7 @@ class _Tracer(fx.Tracer):
 
 
 def _holds_layers(m: nn.Module) -> bool:
+    """Whether ``m`` is or contains a conv / linear layer."""
     return any(isinstance(s, LAYER_TYPES) for s in m.modules())
 
 
@@ -417,6 +418,7 @@ def trace(model: nn.Module, exclude: list[str] | tuple[str, ...] = ()) -> fx.Gra
 
 
 def _untraceable(model: nn.Module, e: Exception, where: str) -> GraphError:
+    """The error for a model fx cannot trace, naming the innermost module that failed."""
     kind = type(model.get_submodule(where)).__name__ if where else type(model).__name__
     loc = f"in module '{where}' ({kind})" if where else f"in {kind}.forward"
     hint = (f" Add '{where}' to prune.exclude to keep that module as one opaque block (not "
