@@ -178,7 +178,8 @@ def test_dropout_rate_of_shrunk_model_in_train_mode() -> None:
         for _ in range(20):
             Rec(small).run(x)
     ch = torch.cat([(o.abs().sum(dim=(2, 3)) == 0).flatten() for o in got]).float()
-    assert 0.2 < float(ch.mean()) < 0.4  # whole channels dropped at p = 0.3 (2560 draws)
+    assert len(ch) >= 400  # kept channels x 4 samples x 20 passes
+    assert 0.2 < float(ch.mean()) < 0.4  # whole channels dropped at p = 0.3
     small.eval()
     got.clear()
     with torch.no_grad():
