@@ -75,7 +75,7 @@ def recipe(name: str, wb: int, ab: int, weight_range: str = "full") -> dict:
         "ordering": "joint",
         "prune": {"sparsity": 0.5, "unit": "steps", "start": 4, "interval": 1, "refresh": 1},
         "quant": {"weight_bits": wb, "act_bits": ab, "unit": "steps", "weight_delay": 0, "act_delay": 0,
-                  "weight_range": weight_range},
+                  "weight_range": weight_range, "first_last_bits": None},
     }
     if name == "espcn":  # as in the paper's generators: image input unquantized, last conv at 8 bits
         r["quant"]["per_layer"] = {"conv1": {"weight_bits": wb, "act_bits": None},

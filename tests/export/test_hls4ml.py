@@ -56,7 +56,8 @@ def _finalized(name: str, wb: int, ab: int):
     comp = Compressor(model, {
         "ordering": "joint",
         "prune": {"sparsity": 0.5, "unit": "steps", "start": 4, "interval": 1, "refresh": 1},
-        "quant": {"weight_bits": wb, "act_bits": ab, "unit": "steps", "weight_delay": 0, "act_delay": 0},
+        "quant": {"weight_bits": wb, "act_bits": ab, "unit": "steps", "weight_delay": 0, "act_delay": 0,
+                  "first_last_bits": None},
     }, x[:8])
     opt = torch.optim.SGD(comp.model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(0)

@@ -286,7 +286,7 @@ def test_not_finalized_model_is_refused(tmp_path):
     comp.step()
     with pytest.raises(ExportError, match=r"not finalized.*finalize\(\)"):
         export_onnx(comp.model, x, tmp_path / "m.onnx", allow_masked=True)
-    comp.finalize()
+    comp.finalize(allow_incomplete=True)  # the schedule has not ended: finalize as it is
     if shrink_available():
         with pytest.raises(ExportError, match=r"shrink"):
             export_onnx(comp.model, x, tmp_path / "m.onnx")

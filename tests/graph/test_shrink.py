@@ -174,7 +174,7 @@ def test_quantize_after_shrink() -> None:
     small = shrink(gm)
     before = measure(small, x)
     recipe = {"prune": None, "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 0,
-                                       "act_delay": 0}}
+                                       "act_delay": 0, "first_last_bits": None}}
     comp = Compressor(small, recipe, x)
     comp.model.train()
     opt = torch.optim.SGD(comp.model.parameters(), lr=0.01)

@@ -134,7 +134,8 @@ def _compress(model: nn.Module, x_shape, bits: int = 4,
     x = torch.randn(x_shape)
     recipe = {
         "prune": {"unit": "steps", "start": 1, "interval": 2, "refresh": 1, "sparsity": sparsity},
-        "quant": {"unit": "steps", "weight_bits": bits, "act_bits": bits, "weight_delay": 0, "act_delay": 0},
+        "quant": {"unit": "steps", "weight_bits": bits, "act_bits": bits, "weight_delay": 0, "act_delay": 0,
+                  "first_last_bits": None},
         "ordering": "prune_then_quantize",
     }
     comp = Compressor(model, recipe, x)
@@ -198,7 +199,7 @@ def test_measure_with_masks_but_float_and_quantized_but_unpruned():
     x = torch.randn(2, 3, 8, 8)
     comp = Compressor(model, {"prune": {"unit": "steps", "start": 0, "interval": 1, "refresh": 1},
                               "quant": {"unit": "steps", "weight_bits": 8, "act_bits": 6, "weight_delay": 5,
-                                        "act_delay": 5},
+                                        "act_delay": 5, "first_last_bits": None},
                               "ordering": "prune_then_quantize"}, x)
     dense = measure(comp.model, x)
     for mk in (comp.model.get_submodule(s.mask) for s in comp.plan.sites):
@@ -250,7 +251,8 @@ def test_measure_right_after_construction_with_live_quantizers():
     only shapes and bit-widths, so it must work and leave the quantizers as they were."""
     x = torch.randn(2, 3, 8, 8)
     comp = Compressor(Small(), {"prune": None, "quant": {"unit": "steps", "weight_bits": 4, "act_bits": 8,
-                                                         "weight_delay": 0, "act_delay": 0},
+                                                         "weight_delay": 0, "act_delay": 0,
+                                                         "first_last_bits": None},
                                 "ordering": "joint"}, x)
     aqs = [q for q in comp.model.modules() if isinstance(q, ActQuantizer)]
     assert aqs and all(bool(q.enabled) and float(q.stat_count) == 0 for q in aqs)
