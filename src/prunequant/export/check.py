@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..quant.quantizers import WeightQuantizer
+from ..utils import eval_mode
 from .cpu import cpu_features
 
 #: ONNX Runtime op types that run 8-bit integer arithmetic
@@ -81,13 +82,8 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor, y: torch.Ten
 
     path = Path(path)
     x = x.detach().to(torch.float32).cpu()
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            ref = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
-    finally:
-        model.train(was)
+    with eval_mode(model), torch.no_grad():
+        ref = torch.cat([model(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]).numpy()
     with tempfile.TemporaryDirectory() as tmp:
         opt = Path(tmp) / "optimized.onnx"
         out = _run(_session(path, None, threads, opt), x, batch_size)

@@ -50,6 +50,7 @@ from torch.nn.utils import parametrize
 
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import WEIGHT_CLIPS, ActQuantizer, WeightQuantizer, check_percentile
+from ..utils import eval_mode
 
 CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 CONVT_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
@@ -549,16 +550,11 @@ class _Shapes:
                     shapes[n] = "value"
                 return out
 
-        modes = [(m, m.training) for m in gm.modules()]  # gm shares its leaf modules with the model
-        gm.eval()
         try:
-            with torch.no_grad():
+            with eval_mode(gm), torch.no_grad():  # gm shares its leaf modules with the model
                 _Rec(gm).run(example_input)
         except Exception as e:
             raise GraphError(f"the traced model failed on the example input: {type(e).__name__}: {e}") from e
-        finally:
-            for m, was in modes:  # each module's own mode back (a frozen BatchNorm stays in eval mode)
-                m.training = was
 
     @property
     def known(self) -> bool:

@@ -45,6 +45,7 @@ from ..graph.discover import (
 )
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer
+from ..utils import eval_mode
 
 FLOAT_BITS = 32
 
@@ -170,15 +171,12 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
     # yet (e.g. right after Compressor() with act_delay 0) passes through instead of raising.
     unready = [m for m in model.modules() if isinstance(m, ActQuantizer) and bool(m.enabled)
                and float(m.stat_count) <= 0]
-    modes = [(m, m.training) for m in model.modules()]  # each module's own mode (a frozen BatchNorm)
     try:
         for m in unready:
             m.enabled.fill_(False)
-        model.eval()
-        model(example_input[:1])
+        with eval_mode(model):
+            model(example_input[:1])
     finally:
-        for m, was in modes:
-            m.training = was
         for m in unready:
             m.enabled.fill_(True)
         for h in handles:

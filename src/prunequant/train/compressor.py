@@ -31,6 +31,7 @@ from ..prune.mask import ChannelMask, mask_from_scores
 from ..prune.schedule import ScheduleSpec
 from ..quant.quantizers import ActQuantizer
 from ..recipe import Recipe, RecipeError, did_you_mean
+from ..utils import eval_mode
 
 
 class ScheduleError(RuntimeError):
@@ -185,11 +186,8 @@ class Compressor:
         self.spec, self.timeline = self._build_timeline()
         self._rng_scores = self._random_scores() if p is not None and p.importance == "random" else None
         with torch.no_grad():  # fail early, with the model's own error, if it does not run
-            modes = [(m, m.training) for m in self.model.modules()]  # shared with the user's model
-            self.model.eval()
-            self.model(example_input)
-            for m, was in modes:  # each module's own mode back (a frozen BatchNorm stays in eval mode)
-                m.training = was
+            with eval_mode(self.model):  # shared with the user's model
+                self.model(example_input)
         # After the check: step 0 may enable activation quantizers, which have no statistics yet
         # (an eval forward through them would raise).
         self._apply(0)

@@ -34,7 +34,7 @@ from ..models import build_model
 from ..quant.quantizers import ActQuantizer
 from ..recipe import RecipeError
 from ..runfolder import RunFolder, check_beside_manifest, check_out_dir
-from ..utils import load_tensor_file
+from ..utils import eval_mode, load_tensor_file
 from .compressor import Compressor
 
 FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -126,14 +126,12 @@ def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 1000) -> float:
     """Top-1 accuracy in percent."""
-    was = model.training
-    model.eval()
     correct = total = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        pred = model(x.to(device)).argmax(dim=1).cpu()
-        correct += int((pred == y).sum())
-        total += y.numel()
-    model.train(was)
+    with eval_mode(model):
+        for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+            pred = model(x.to(device)).argmax(dim=1).cpu()
+            correct += int((pred == y).sum())
+            total += y.numel()
     return 100.0 * correct / max(total, 1)
 
 
