@@ -5,7 +5,7 @@ layers are already pruned) combined with statistics-based uniform quantization-a
 (Zhang, Colbert and Das, Applied Sciences 2022).
 """
 
-from .graph.discover import GraphError, Plan, Site
+from .errors import ExportError, GraphError, PrunequantError
 from .metrics.measure import Measurement, measure
 from .recipe import LayerBits, PruneConfig, QuantConfig, Recipe, RecipeError
 from .train.compressor import Compressor, ScheduleError, Timeline
@@ -25,8 +25,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Compressor", "GraphError", "LayerBits", "Measurement", "Plan", "PruneConfig", "QuantConfig",
-    "Recipe", "RecipeError", "ScheduleError", "Site", "Timeline", "export_onnx", "load_packed", "measure",
-    "save_packed",
+    "Compressor", "ExportError", "GraphError", "LayerBits", "Measurement", "PruneConfig", "PrunequantError",
+    "QuantConfig", "Recipe", "RecipeError", "ScheduleError", "Timeline", "export_onnx", "load_packed",
+    "measure", "save_packed",
     "__version__",
 ]

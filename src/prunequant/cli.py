@@ -16,8 +16,7 @@ import yaml
 
 from . import __version__
 from .config import RunConfig
-from .data import DatasetError
-from .graph.discover import GraphError
+from .errors import PrunequantError
 from .recipe import RecipeError, load_yaml
 
 
@@ -109,22 +108,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.check and args.format != "qdq":
         raise RecipeError("--check runs the QDQ file in ONNX Runtime; use it with --format qdq")
-    try:
-        if args.format == "packed":
-            path = ex.save_packed(model, out, example_input=x, fold_bn=args.fold_bn)
-        elif args.fold_bn:
-            path = ex.export_onnx(model, x, out, format=args.format, fold_bn=True)
-        else:
-            path = ex.export_onnx(model, x, out, format=args.format)
-    except ex.ExportError as e:
-        raise RecipeError(str(e)) from None
+    if args.format == "packed":
+        path = ex.save_packed(model, out, example_input=x, fold_bn=args.fold_bn)
+    elif args.fold_bn:
+        path = ex.export_onnx(model, x, out, format=args.format, fold_bn=True)
+    else:
+        path = ex.export_onnx(model, x, out, format=args.format)
     print(f"wrote {path} ({path.stat().st_size:,} bytes)")
     if args.check:  # ONNX Runtime (default settings, this CPU) vs PyTorch on the run's test set
         from .export.check import check_run, format_check
 
         print(format_check(check_run(cfg, model, path, fold_bn=args.fold_bn)))
     if args.format == "packed":
-        from .graph.discover import NORM_TYPES
+        from .graph.ops import NORM_TYPES
         from .metrics.measure import measure
 
         m = measure(model, x)
@@ -230,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, DatasetError, GraphError) as e:
+    except PrunequantError as e:  # recipe, dataset, graph, export, schedule errors: one message each
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -15,15 +15,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .errors import RecipeError
 from .quant.quantizers import MAX_BITS, MIN_BITS
 
 IMPORTANCE = ("a_l1", "a_l0", "w_l1", "random")
 SCHEDULES = ("layerwise", "oneshot", "stepwise")
 ORDERINGS = ("prune_then_quantize", "quantize_then_prune", "joint")
-
-
-class RecipeError(ValueError):
-    """Invalid recipe or run configuration; the message is meant for the user as is."""
 
 
 class _Strict(BaseModel):

@@ -15,7 +15,7 @@ from prunequant import Compressor, measure
 from prunequant.export import HEADER_BYTES, fold_batchnorm, load_packed, packed_size_report, save_packed
 from prunequant.export.fold import fold_pairs
 from prunequant.export.packed import read_packed
-from prunequant.graph.discover import NORM_TYPES
+from prunequant.graph.ops import NORM_TYPES
 from prunequant.models import build_model
 
 DATA = Path(__file__).parent / "data"
@@ -206,7 +206,7 @@ def test_integer_bias_is_the_float_bias_rounded_to_the_accumulator_grid(name):
     an integer multiple of ``s_x * s'_c`` within half a step of the float32 folded bias; elsewhere it is
     that float bias. Weights and scales are those of the plain fold."""
     from prunequant.export.fold import input_step
-    from prunequant.graph.discover import weight_quantizer
+    from prunequant.graph.instrument import weight_quantizer
 
     model, _ = deployable(name, 8, 8)
     plain, grid = fold_batchnorm(model), fold_batchnorm(model, integer_bias=True)

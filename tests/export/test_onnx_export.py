@@ -35,7 +35,7 @@ from prunequant.export._checks import shrink_available  # noqa: E402
 from prunequant.export.check import check_onnx, full_range_8bit  # noqa: E402
 from prunequant.export.cpu import cpu_features  # noqa: E402
 from prunequant.export.fold import fold_batchnorm  # noqa: E402
-from prunequant.graph.discover import instrument  # noqa: E402
+from prunequant.graph.instrument import instrument  # noqa: E402
 
 MODELS = ["resnet20", "mobilenetv2", "espcn"]
 BITS = [(8, 8), (4, 4), (2, 8)]  # W8A8, W4A4, 2-bit weights
@@ -176,7 +176,7 @@ def test_fused_integer_kernels_on_this_cpu(tmp_path, weight_range):
     assert wqs and all(m.weight_range == weight_range for m in wqs)
     assert full_range_8bit(model) == (weight_range == "full")
     if weight_range == "reduced":  # QAT trained on the 7-bit grid: every code within [-64, 63]
-        from prunequant.graph.discover import raw_weight, weight_quantizer
+        from prunequant.graph.instrument import raw_weight, weight_quantizer
 
         for m in model.modules():
             wq = weight_quantizer(m)
@@ -332,7 +332,7 @@ def test_reduced_weight_range_travels_with_every_format(tmp_path):
     """``quant.weight_range: reduced`` is part of the model: QONNX states 7-bit weight grids, the
     packed file and the pruning record reload it (codes still within [-64, 63], same outputs)."""
     from prunequant.export import load_packed, save_packed
-    from prunequant.graph.discover import weight_quantizer
+    from prunequant.graph.instrument import weight_quantizer
     from prunequant.graph.persist import load_pruned, save_pruned
     from prunequant.models import build_model
 

@@ -24,7 +24,7 @@ from prunequant.export import (
 )
 from prunequant.export._checks import shrink_available
 from prunequant.export.packed import packed_nbytes
-from prunequant.graph.discover import weight_quantizer
+from prunequant.graph.instrument import weight_quantizer
 from prunequant.models import build_model
 
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from tvshim import import_torchvision
 
 from prunequant.graph import GraphError, instrument, shrink, trace
-from prunequant.graph.discover import is_mode_node
+from prunequant.graph.trace import is_mode_node
 
 tv = import_torchvision()
 

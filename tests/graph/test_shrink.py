@@ -10,7 +10,7 @@ from zoo import ZOO
 
 from prunequant import measure
 from prunequant.graph import GraphError, instrument, shrink
-from prunequant.graph.discover import kept_positions
+from prunequant.graph.plan import kept_positions
 
 #: Minimum number of prunable sites per zoo model (guards against discovery silently regressing).
 MIN_SITES = {

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prunequant import Compressor, RecipeError, ScheduleError
-from prunequant.graph.discover import raw_weight, weight_quantizer
+from prunequant.graph.instrument import raw_weight, weight_quantizer
 from prunequant.models import build_model
 from prunequant.quant.quantizers import ActQuantizer, WeightQuantizer
 from prunequant.recipe import QuantConfig

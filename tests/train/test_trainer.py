@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from prunequant.config import RunConfig
-from prunequant.graph.discover import weight_quantizer
+from prunequant.graph.instrument import weight_quantizer
 from prunequant.quant.quantizers import ActQuantizer
 from prunequant.train.trainer import run
 

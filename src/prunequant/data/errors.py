@@ -1,10 +1,7 @@
-"""Error type for user-facing dataset problems."""
+"""Error type for user-facing dataset problems (defined with the package's other errors)."""
 
 from __future__ import annotations
 
+from ..errors import DatasetError
 
-class DatasetError(ValueError):
-    """A dataset could not be found, parsed or configured.
-
-    The message is meant for the user as is; the CLI prints it without a traceback.
-    """
+__all__ = ["DatasetError"]

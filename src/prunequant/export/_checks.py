@@ -7,14 +7,11 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..graph.discover import LAYER_TYPES, weight_quantizer
+from ..errors import ExportError
+from ..graph.instrument import weight_quantizer
+from ..graph.ops import LAYER_TYPES
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
-
-
-class ExportError(ValueError):
-    """A model that cannot be exported as asked; the message says what to do."""
-
 
 NOT_QUANTIZED = (
     "the model has no enabled quantizer, so there is nothing integer to export. Run QAT first: drive a "

@@ -21,15 +21,9 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ..graph.discover import (
-    CONV_TYPES,
-    CONVT_TYPES,
-    NORM_TYPES,
-    is_mode_node,
-    is_stochastic_depth,
-    raw_weight,
-    weight_quantizer,
-)
+from ..graph.instrument import raw_weight, weight_quantizer
+from ..graph.ops import CONV_TYPES, CONVT_TYPES, NORM_TYPES, is_stochastic_depth
+from ..graph.trace import is_mode_node
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ._checks import ExportError

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..graph.discover import CONV_TYPES, NORM_TYPES, weight_quantizer
+from ..graph.instrument import weight_quantizer
+from ..graph.ops import CONV_TYPES, NORM_TYPES
 from ..quant.quantizers import ActQuantizer
 from ._checks import ExportError
 

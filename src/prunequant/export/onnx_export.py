@@ -37,7 +37,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..graph.discover import raw_weight, trace
+from ..graph.instrument import raw_weight
+from ..graph.trace import trace
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..utils import atomic_write
 from ._checks import ExportError, check_exportable

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..graph.discover import LAYER_TYPES, instrument, weight_quantizer
+from ..graph.instrument import instrument, weight_quantizer
+from ..graph.ops import LAYER_TYPES
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 from ..utils import atomic_write

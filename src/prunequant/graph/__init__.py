@@ -1,20 +1,14 @@
-"""Graph tools: fx tracing, site discovery, instrumentation, physical channel removal."""
+"""Graph tools: fx tracing (:mod:`.trace`), op knowledge (:mod:`.ops`), site discovery
+(:mod:`.discover`), the plan (:mod:`.plan`), instrumentation (:mod:`.instrument`), physical channel
+removal (:mod:`.shrink`) and saving pruned models (:mod:`.persist`)."""
 
-from .discover import (
-    GraphError,
-    LayerInfo,
-    Plan,
-    Rewrite,
-    Site,
-    Tap,
-    discover,
-    instrument,
-    raw_weight,
-    trace,
-    weight_quantizer,
-)
+from ..errors import GraphError
+from .discover import discover
+from .instrument import instrument, raw_weight, weight_quantizer
 from .persist import load_pruned, save_pruned
+from .plan import LayerInfo, Plan, Rewrite, Site, Tap
 from .shrink import shrink
+from .trace import trace
 
 __all__ = [
     "GraphError", "LayerInfo", "Plan", "Rewrite", "Site", "Tap", "discover", "instrument", "load_pruned",

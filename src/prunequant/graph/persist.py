@@ -32,8 +32,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from ..errors import GraphError
 from ..utils import atomic_write, load_tensor_file, sha256_file
-from .discover import GraphError, instrument
+from .instrument import instrument
 from .shrink import shrink
 
 FORMAT = "prunequant-pruned"

@@ -30,19 +30,11 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
+from ..errors import GraphError
 from ..prune.mask import ChannelMask
-from .discover import (
-    CONV_TYPES,
-    CONVT_TYPES,
-    INSTANCE_NORM_TYPES,
-    NORM_TYPES,
-    GraphError,
-    Plan,
-    Site,
-    Tap,
-    kept_positions,
-    weight_quantizer,
-)
+from .instrument import weight_quantizer
+from .ops import CONV_TYPES, CONVT_TYPES, INSTANCE_NORM_TYPES, NORM_TYPES
+from .plan import Plan, Site, Tap, kept_positions
 
 
 def _param(old: torch.Tensor | None, new: torch.Tensor) -> nn.Parameter:

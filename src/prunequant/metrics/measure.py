@@ -34,15 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..graph.discover import (
-    CONVT_TYPES,
-    LAYER_TYPES,
-    NORM_TYPES,
-    SIDE_NORM_TYPES,
-    Plan,
-    raw_weight,
-    weight_quantizer,
-)
+from ..graph.instrument import raw_weight, weight_quantizer
+from ..graph.ops import CONVT_TYPES, LAYER_TYPES, NORM_TYPES, SIDE_NORM_TYPES
+from ..graph.plan import Plan
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer
 from ..utils import eval_mode

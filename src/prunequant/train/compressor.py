@@ -26,17 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 
-from ..graph.discover import LAYER_TYPES, instrument, raw_weight, trace, weight_quantizer
+from ..errors import ScheduleError
+from ..graph.instrument import instrument, raw_weight, weight_quantizer
+from ..graph.ops import LAYER_TYPES
+from ..graph.trace import trace
 from ..prune.mask import ChannelMask, mask_from_scores
 from ..prune.schedule import ScheduleSpec
 from ..quant.quantizers import ActQuantizer
 from ..recipe import Recipe, RecipeError, did_you_mean
 from ..utils import eval_mode
-
-
-class ScheduleError(RuntimeError):
-    """The compression loop was driven in a way that would silently give a wrong model (the model
-    in eval mode while statistics are gathered, ``finalize()`` before the schedule ended)."""
 
 
 def boundary_layers(gm: fx.GraphModule) -> tuple[list[str], list[str]]:
