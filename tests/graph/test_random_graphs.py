@@ -25,7 +25,7 @@ class RandomNet(nn.Module):
         self.mods = nn.ModuleDict()
         chans = [3]  # channels of each tensor in the pool
 
-        def block(i: int, c_out: int, k: str) -> nn.Module:
+        def block(i: int, c_out: int, k: str, rng: random.Random = rng) -> nn.Module:
             c_in = chans[i]
             groups = 1
             if rng.random() < 0.2 and c_in % 2 == 0 and c_out % 2 == 0 and c_in > 2:
@@ -77,8 +77,25 @@ class RandomNet(nn.Module):
                 self.ops.append(("gate", name, i))
                 chans.append(c)
         used = rng.sample(range(1, len(chans)), k=min(3, len(chans) - 1)) if len(chans) > 1 else [0]
-        self.heads = used
-        self.fc = nn.Linear(sum(chans[u] for u in used) * 4, 5)
+        # A guaranteed site, drawn from its own stream so the random part above stays as it was: an
+        # ungrouped conv -> (BatchNorm) -> activation -> random block, the activation read by nothing
+        # else. (A grouped conv with GroupNorm can leave a site nothing removable: not guaranteed.)
+        crng = random.Random(10_000 + seed)
+        i = crng.randrange(len(chans))
+        c = crng.choice([4, 6, 8, 12])
+        chain: list[nn.Module] = [nn.Conv2d(chans[i], c, crng.choice([1, 3]), padding="same",
+                                            bias=crng.random() < 0.5)]
+        if crng.random() < 0.5:
+            chain.append(nn.BatchNorm2d(c))
+        chain.append(crng.choice([nn.ReLU(), nn.SiLU(), nn.Tanh(), nn.PReLU(c), nn.Sigmoid()]))
+        self.mods["p0"] = nn.Sequential(*chain)
+        self.ops.append(("mod", "p0", i))
+        chans.append(self.mods["p0"][0].out_channels)
+        self.mods["p1"] = block(len(chans) - 1, crng.choice([4, 6, 8]), "p1", crng)
+        self.ops.append(("mod", "p1", len(chans) - 1))
+        chans.append(self.mods["p1"][0].out_channels)
+        self.heads = [*used, len(chans) - 1]
+        self.fc = nn.Linear(sum(chans[u] for u in self.heads) * 4, 5)
 
     def forward(self, x: Tensor) -> Tensor:
         ts = [x]
@@ -106,6 +123,8 @@ def test_random_graph_equivalence(seed: int) -> None:
     x = torch.randn(2, 3, 8, 8)
     bits = 4 if seed % 3 == 0 else None
     gm, plan = instrument(net, prune_stat="none", example_input=x, weight_bits=bits, act_bits=bits)
+    assert len(plan.sites) >= 1, plan.skipped
+    assert "mods.p0.0" in {s.name for s in plan.sites}, plan.skipped.get("mods.p0.0")  # the built-in chain
     set_masks(gm, 0.5, seed=seed)
     if bits:
         calibrate(gm, (2, 3, 8, 8))
