@@ -43,6 +43,13 @@ class PruneConfig(_Strict):
     seed: int = Field(0, ge=0, description="seed of the random importance")
     round_to: int | None = Field(None, ge=1, description="keep channel counts at multiples of this "
                                  "(fewer channels are pruned when needed); null: no rounding")
+    groups: bool = Field(False, description="also prune channel groups across residual adds / gating "
+                         "products (every tensor joined by an add loses the same channels, named "
+                         "'group:<first producer>'); false: block-internal channels only (the paper's "
+                         "placement)")
+    group_stat: Literal["mean", "max"] = Field("mean", description="a group's importance from the mean "
+                                               "|activation| at each tensor consumers read: their mean "
+                                               "or max")
 
     @field_validator("per_layer")
     @classmethod

@@ -175,14 +175,15 @@ class Walk:
         self.bounds: set[int] = set()  # site channel indices where a partition must start
         self.block = site.block
         self.seen: set[tuple[fx.Node, _State]] = set()
+        self.joins: set[fx.Node] = set()  # a group's adds / products: every input is one of its tensors
 
     def reject(self, msg: str) -> None:
         raise _Reject(msg)
 
-    def run(self, act: fx.Node) -> None:
+    def run(self, *starts: fx.Node) -> None:
         c = self.site.channels
         full = _State(0, 0, c, Fraction(1))
-        stack = [(act, full)]
+        stack = [(a, full) for a in starts]
         while stack:
             node, st = stack.pop()
             if (node, st) in self.seen:
@@ -197,6 +198,10 @@ class Walk:
         d = describe(gm, u)
         if u.op == "output":
             self.reject("coupled: is (part of) the model output")
+        if u in self.joins:
+            if st != _State(0, 0, self.site.channels, Fraction(1)):
+                self.reject(f"coupled: reaches {d} together with other channels")
+            return []  # a start of the walk itself
         if is_layer(gm, u):
             return self.layer(node, st, u, d)
         tensor_args = [a for a in node_args(u)
@@ -528,15 +533,21 @@ def discover(
     gm: fx.GraphModule,
     exclude: list[str] | tuple[str, ...] = (),
     example_input: torch.Tensor | None = None,
+    groups: bool = False,
 ) -> tuple[list[Site], dict]:
     """Prunable sites of a traced model in forward order, and ``{name: reason}`` for those skipped.
 
     ``example_input`` gives the tensor shapes needed to follow channels through concatenations,
     splits and flattening views; without it those sites are skipped.
 
-    Returns sites together with, for each, the activation nodes that carry its mask (the site's own
-    activation first, then those of tied depthwise convs) and the routes, as a private ``_nodes``
-    attribute used by :func:`instrument`.
+    ``groups``: also find channel groups across residual adds and gating products (see
+    :func:`discover_groups`); sites and groups are then returned in forward order of their first
+    producer.
+
+    Returns sites together with, for each, where its mask goes (``inserts``: ``(node, collect)``, the
+    site's own activation first with ``True``, then tied depthwise activations with ``False``; a
+    group's member outputs and statistics points, the latter with their index), the number of
+    statistics points and the routes, as a private ``_nodes`` attribute used by :func:`instrument`.
     """
     shapes = _Shapes(gm, example_input)
     calls: dict[str, int] = {}
@@ -596,44 +607,265 @@ def discover(
         except _Reject as e:
             skipped[pname] = str(e)
             continue
-        owned = [str(t.target) for t, _, _ in walk.tied] + [str(g.target) for g in walk.gates]
-        owned += [str(s.target) for _, _, sd in walk.tied for s in sd]
-        owned += [str(t.target) for t, _, _ in walk.folds]
-        owned += [str(s.target) for _, sd, _ in walk.folds for s in sd]
-        if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
-            skipped[pname] = "coupled: shares a depthwise conv or gate with another site"
+        why = _finish(site, walk, bounds, claimed, [pname])
+        if why:
+            skipped[pname] = why
             continue
-        if not walk.taps and not walk.tied and not walk.folds:
-            skipped[pname] = "feeds no conv / linear layer"
-            continue
-        # Structure: blocks and balanced partitions.
-        site.block = walk.block
-        bounds |= walk.bounds
+        site._nodes = {"inserts": [(n, True)] + [(a, False) for _, a, _ in walk.tied],  # type: ignore[attr-defined]
+                       "walk": walk, "points": 1, "first": layer_node}
+        sites.append(site)
+    if groups:
+        found, why_not = discover_groups(gm, shapes, calls, claimed, exclude)
+        skipped.update(why_not)
+        for g in found:  # a producer coupled as a site, pruned as a member of a group
+            for p in g.producers:
+                skipped.pop(p, None)
+        sites += found
+        order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        sites.sort(key=lambda s: order[s._nodes["first"]])  # type: ignore[attr-defined]
+    return sites, skipped
+
+
+def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], producers: list[str]) -> str | None:
+    """Fill in a site's structure from its walk and claim its modules; the reason it cannot be pruned."""
+    channels = site.channels
+    owned = [str(t.target) for t, _, _ in walk.tied] + [str(g.target) for g in walk.gates]
+    owned += [str(s.target) for _, _, sd in walk.tied for s in sd]
+    owned += [str(t.target) for t, _, _ in walk.folds]
+    owned += [str(s.target) for _, sd, _ in walk.folds for s in sd]
+    if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
+        return "coupled: shares a depthwise conv or gate with another site"
+    if not walk.taps and not walk.tied and not walk.folds:
+        return "feeds no conv / linear layer"
+    # Structure: blocks and balanced partitions.
+    site.block = walk.block
+    bounds |= walk.bounds
+    part = 0
+    for b in bounds:
+        part = math.gcd(part, b)
+    part = math.gcd(part, channels) if part else 0
+    if part == channels:
         part = 0
-        for b in bounds:
-            part = math.gcd(part, b)
-        part = math.gcd(part, channels) if part else 0
-        if part == channels:
-            part = 0
-        if part and part % site.block:
-            skipped[pname] = "coupled: split / group boundaries cut through channel blocks"
+    if part and part % site.block:
+        return "coupled: split / group boundaries cut through channel blocks"
+    if (part or channels) // site.block < 2:
+        return "coupled: channels can only be removed all together"
+    site.part = part
+    claimed.update(producers)
+    claimed.update(owned)
+    site.tied = [str(t.target) for t, _, _ in walk.tied] + [str(t.target) for t, _, _ in walk.folds]
+    site.tied_norms = [str(s.target) for _, _, sd in walk.tied for s in sd]
+    site.tied_norms += [str(s.target) for _, sd, _ in walk.folds for s in sd]
+    site.folds = [(str(t.target), [str(n.target) for n in sd], [str(c.target) for c in cs])
+                  for t, sd, cs in walk.folds]
+    site.gates = [str(g.target) for g in walk.gates]
+    site.consumers = list(walk.taps)
+    return None
+
+
+# ------------------------------------------------------------------------------------------- groups
+JOIN_FUNCTIONS = {operator.add, torch.add, operator.iadd, operator.mul, torch.mul, operator.imul}
+JOIN_METHODS = {"add", "mul"}
+
+
+def _is_join(shapes: _Shapes, n: fx.Node) -> bool:
+    """An elementwise add / product of two tensors of one shape (a residual add or a gate)."""
+    if not calls_op(n, JOIN_FUNCTIONS, JOIN_METHODS) or len(n.args) != 2 or n.kwargs:
+        return False
+    a, b = n.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return False
+    sa = shapes.get(a)
+    return isinstance(sa, tuple) and len(sa) >= 2 and sa == shapes.get(b) == shapes.get(n)
+
+
+def _transparent(gm: fx.GraphModule, shapes: _Shapes, n: fx.Node) -> bool:
+    """A one-input op that keeps every channel where it is and maps 0 to 0 (between members and joins)."""
+    if not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if any(shapes.is_tensor(a) for a in node_args(n)[1:] if not is_mode_node(a)):
+        return False
+    if is_zero_act(gm, n):
+        return True
+    if is_pass(gm, n):
+        m = module_of(gm, n)
+        return not isinstance(m, nn.Flatten) and n.target not in (torch.flatten, "flatten")
+    if calls_op(n, {operator.mul, operator.truediv, torch.mul, torch.div}, {"mul", "div"}):
+        return len(n.args) == 2 and isinstance(n.args[1], (int, float)) and bool(n.args[1])
+    return False
+
+
+def _member_chain(gm: fx.GraphModule, end: fx.Node, calls: dict[str, int]):
+    """``(layer_node, side, block)`` when ``end`` is ``[act](norm*(layer(x)))`` with private intermediates."""
+    if is_act(gm, end):
+        chain = _producer_chain(gm, end, calls)
+        if chain is None:
+            return None
+        layer_node, side, repeat, block = chain
+        if repeat != 1:
+            raise _Reject(f"a PixelShuffle sits between {describe(gm, layer_node)} and the join")
+        return layer_node, side, block
+    side: list[tuple[str, int]] = []
+    block = 1
+    p = end
+    while isinstance(module_of(gm, p), SIDE_NORM_TYPES):
+        m = module_of(gm, p)
+        if isinstance(m, nn.GroupNorm):
+            if m.num_groups == 1:
+                raise _Reject(f"{describe(gm, p)} normalizes across all channels")
+            block = math.lcm(block, m.num_channels // m.num_groups)
+        side.append((str(p.target), 1))
+        p = p.args[0]
+        if not isinstance(p, fx.Node) or len(p.users) != 1:
+            return None
+    if not is_layer(gm, p):
+        return None
+    for name in [str(p.target)] + [n for n, _ in side]:
+        if calls.get(name, 0) > 1:
+            raise _Reject(f"module '{name}' is called more than once")
+    return p, side, block
+
+
+def discover_groups(
+    gm: fx.GraphModule, shapes: _Shapes, calls: dict[str, int], claimed: set[str],
+    exclude: list[str] | tuple[str, ...] = (),
+) -> tuple[list[Site], dict[str, str]]:
+    """Channel groups: tensors joined by residual adds (or gating products) lose the same channels.
+
+    Every operand of an add / product of two same-shape tensors is traced back, through ops that keep
+    channels in place and map 0 to 0 (:func:`_transparent`), to either another join or a *member*: the
+    output of a producer chain ``conv/linear -> [norms] -> [activation]``. Joins and members that meet
+    form one group. Its mask multiplies every member's output, so a masked channel is zero in every
+    tensor of the group (``0 + 0``, ``0 * g``), and the group is walked from all of them to its
+    consumers like a site. A group is named ``group:<first member>``; :attr:`Site.members` lists the
+    other producers. Statistics are gathered where consumers read the group (each join's output after
+    its activation, and members read by anything other than a join), one row per point, so that the
+    group's importance can be aggregated over them (see :class:`~prunequant.prune.mask.ChannelMask`).
+    Anything else that reaches a join (the network input, a concatenation, a depthwise conv, a
+    non-zero-preserving op) leaves the whole group unpruned, with the reason in ``skipped``.
+    """
+    if not shapes.known:
+        return [], {}
+    parent: dict[fx.Node, fx.Node] = {}
+
+    def find(x: fx.Node) -> fx.Node:
+        while parent.setdefault(x, x) is not x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: fx.Node, b: fx.Node) -> None:
+        parent[find(a)] = find(b)
+
+    joins = [n for n in gm.graph.nodes if _is_join(shapes, n)]
+    chains: dict[fx.Node, tuple] = {}  # member end -> (layer node, side, block)
+    inner: set[fx.Node] = set()  # transparent nodes between members / joins and joins
+    blocked: dict[fx.Node, str] = {}  # component root -> reason (resolved after all unions)
+    extra_side: dict[fx.Node, list[tuple[str, int]]] = {}
+    for j in joins:
+        find(j)
+        for a in j.args:
+            n, why = a, None
+            while True:
+                if n in chains or _is_join(shapes, n):
+                    break
+                try:
+                    chain = _member_chain(gm, n, calls)
+                except _Reject as e:
+                    why = str(e)
+                    break
+                if chain is not None:
+                    chains[n] = chain
+                    break
+                if _transparent(gm, shapes, n):
+                    m = module_of(gm, n)
+                    if isinstance(m, nn.PReLU) and m.num_parameters > 1:
+                        extra_side.setdefault(j, []).append((str(n.target), 1))
+                    inner.add(n)
+                    n = n.args[0]
+                    continue
+                why = f"joined with {describe(gm, n)}"
+                break
+            union(n, j)
+            if why:
+                blocked.setdefault(j, why)
+    comps: dict[fx.Node, list[fx.Node]] = {}
+    for n in list(parent):
+        comps.setdefault(find(n), []).append(n)
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    sites: list[Site] = []
+    skipped: dict[str, str] = {}
+    for nodes in sorted(comps.values(), key=lambda ns: min(order[n] for n in ns)):
+        nodes.sort(key=order.__getitem__)
+        gjoins = [n for n in nodes if n in joins and n not in chains]
+        ends = [n for n in nodes if n in chains]
+        name = f"group:{chains[ends[0]][0].target}" if ends else f"group:{gjoins[0].name}"
+        why = next((blocked[j] for j in gjoins if j in blocked), None)
+        if why is None and not ends:
+            why = "no conv / linear layer produces these channels"
+        if why is not None:
+            skipped[name] = f"coupled: {why}" if not why.startswith("coupled") else why
             continue
-        if (part or channels) // site.block < 2:
-            skipped[pname] = "coupled: channels can only be removed all together"
+        layers = [str(chains[e][0].target) for e in ends]
+        sides = [x for e in ends for x in chains[e][1]] + [x for j in gjoins for x in extra_side.get(j, [])]
+        owned = layers + [x for x, _ in sides]
+        hit = next((x for x in layers if any(fnmatch.fnmatchcase(x, p) for p in exclude)), None)
+        if hit is not None or any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            skipped[name] = "excluded by pattern" + (f" (member '{hit}')" if hit else "")
             continue
-        site.part = part
-        claimed.add(pname)
-        claimed.update(owned)
-        site.tied = [str(t.target) for t, _, _ in walk.tied] + [str(t.target) for t, _, _ in walk.folds]
-        site.tied_norms = [str(s.target) for _, _, sd in walk.tied for s in sd]
-        site.tied_norms += [str(s.target) for _, sd, _ in walk.folds for s in sd]
-        site.folds = [(str(t.target), [str(n.target) for n in sd], [str(c.target) for c in cs])
-                      for t, sd, cs in walk.folds]
-        site.gates = [str(g.target) for g in walk.gates]
-        site.consumers = list(walk.taps)
-        site._nodes = {"acts": [n] + [a for _, a, _ in walk.tied], "walk": walk}  # type: ignore[attr-defined]
+        if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
+            skipped[name] = "coupled: a member belongs to another site or group"
+            continue
+        first = module_of(gm, chains[ends[0]][0])
+        shape = shapes.get(ends[0])
+        if isinstance(first, nn.Linear) and len(shape) != 2:
+            skipped[name] = f"linear output has {len(shape)} dims; its features are not on dim 1"
+            continue
+        mods = {x: gm.get_submodule(x) for x in layers}
+        bad = next((x for x, m in mods.items()
+                    if is_depthwise(m) or isinstance(m, CONVT_TYPES) and m.groups != 1), None)
+        if bad is not None:
+            skipped[name] = f"coupled: member '{bad}' is a depthwise or grouped transposed conv"
+            continue
+        channels = int(shape[1])
+        block = 1
+        bounds: set[int] = set()
+        for e in ends:
+            block = math.lcm(block, chains[e][2])
+            m = module_of(gm, chains[e][0])
+            if isinstance(m, CONV_TYPES) and m.groups > 1:
+                bounds.update(range(0, channels + 1, channels // m.groups))
+        norm = next((x for x, _ in sides if isinstance(gm.get_submodule(x), NORM_TYPES)), None)
+        site = Site(name=name, producer=layers[0], norm=norm, channels=channels, side=sides, block=block,
+                    members=layers[1:], kind="group")
+        walk = Walk(gm, shapes, calls, site)
+        walk.joins = set(gjoins)
+        try:
+            walk.run(*ends, *gjoins)
+        except _Reject as e:
+            skipped[name] = str(e)
+            continue
+        why = _finish(site, walk, bounds, claimed, layers + [x for x, _ in sides])
+        if why:
+            skipped[name] = why
+            continue
+        # Statistics points: where consumers read the group.
+        internal = set(gjoins) | inner
+        points: list[fx.Node] = []
+        for j in gjoins:
+            p = j
+            while len(p.users) == 1 and is_zero_act(gm, next(iter(p.users))):
+                p = next(iter(p.users))
+            points.append(p)
+        points += [e for e in ends if any(u not in internal for u in e.users)]
+        points = sorted(set(points), key=order.__getitem__)
+        index = {p: i for i, p in enumerate(points)}
+        inserts = [(e, index.get(e, False)) for e in ends]
+        inserts += [(p, i) for p, i in index.items() if p not in chains]
+        site._nodes = {"inserts": inserts, "walk": walk, "points": len(points),  # type: ignore[attr-defined]
+                       "first": chains[ends[0]][0]}
         sites.append(site)
     return sites, skipped
 
 
-__all__ = ["discover"]
+__all__ = ["discover", "discover_groups"]

@@ -15,7 +15,7 @@ import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from ..prune.mask import ChannelMask
+from ..prune.mask import GROUP_AGGREGATES, ChannelMask
 from ..quant.quantizers import WEIGHT_CLIPS, ActQuantizer, WeightQuantizer, check_percentile
 from .discover import Walk, discover
 from .ops import CONVT_TYPES, in_width, is_depthwise, is_layer, module_of
@@ -36,7 +36,7 @@ def _match(name: str, table: dict) -> object | None:
 
 
 def _safe(name: str) -> str:
-    return name.replace(".", "_")
+    return name.replace(".", "_").replace(":", "_")
 
 
 def instrument(
@@ -52,6 +52,8 @@ def instrument(
     act_percentile: float | None = None,
     weight_clip: str = "max",
     weight_range: str = "full",
+    groups: bool = False,
+    group_stat: str = "mean",
 ) -> tuple[fx.GraphModule, Plan]:
     """Trace ``model`` and insert masks (when ``prune_stat`` is not None) and quantizers.
 
@@ -72,6 +74,11 @@ def instrument(
             for integer kernels that would saturate (see ``prunequant.export.cpu``).
         example_input: a batch used to record tensor shapes; needed to follow channels through
             concatenations, splits and views (without it those activations are not pruned).
+        groups: also prune channel groups across residual adds and gating products (every tensor
+            joined by an add loses the same channels; see :func:`~prunequant.graph.discover.discover_groups`).
+            Off by default: the paper prunes block-internal channels only.
+        group_stat: how a group's importance combines its statistics points, ``"mean"`` or ``"max"``
+            (see :class:`~prunequant.prune.mask.ChannelMask`).
     """
     options = {"prune_stat": prune_stat, "exclude": list(exclude), "weight_bits": weight_bits,
                "act_bits": act_bits, "power_of_two": power_of_two, "layer_bits": layer_bits}
@@ -83,12 +90,17 @@ def instrument(
         options["weight_clip"] = weight_clip
     if weight_range != "full":  # recorded only when used, like the two above
         options["weight_range"] = weight_range
+    if groups:
+        if group_stat not in GROUP_AGGREGATES:
+            raise ValueError(f"group_stat must be one of {list(GROUP_AGGREGATES)}, got {group_stat!r}")
+        options["groups"] = True
+        options["group_stat"] = group_stat
     gm = trace(model, exclude)
     graph = gm.graph
     sites: list[Site] = []
     skipped: dict[str, str] = {}
     if prune_stat is not None:
-        sites, skipped = discover(gm, exclude, example_input)
+        sites, skipped = discover(gm, exclude, example_input, groups=groups)
     layers: dict[str, LayerInfo] = {}
     layer_nodes = [n for n in graph.nodes if is_layer(gm, n)]
     for n in layer_nodes:
@@ -102,14 +114,18 @@ def instrument(
     for site in sites:
         walk: Walk = site._nodes["walk"]  # type: ignore[attr-defined]
         site.mask = f"{MASKS_ATTR}.{_safe(site.name)}"
-        gm.add_submodule(site.mask, ChannelMask(site.channels, stat=prune_stat or "none"))
-        for i, act in enumerate(site._nodes["acts"]):  # type: ignore[attr-defined]
+        gm.add_submodule(site.mask, ChannelMask(site.channels, stat=prune_stat or "none",
+                                                points=site._nodes["points"],  # type: ignore[attr-defined]
+                                                aggregate=group_stat))
+        for act, collect in site._nodes["inserts"]:  # type: ignore[attr-defined]
             with graph.inserting_after(act):
-                # Tied (depthwise) points reuse the module but never gather statistics.
-                args = (act,) if i == 0 else (act, False)
+                # Tied (depthwise) points and a group's member outputs reuse the module without
+                # gathering statistics (collect=False); a group's points pass their row.
+                args = (act,) if collect is True else (act, collect)
                 new = graph.call_module(site.mask, args)
             act.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
-        layers[site.producer].output_site = site.name
+        for p in site.producers:
+            layers[p].output_site = site.name
         for t in site.tied:
             layers[t].output_site = site.name
             layers[t].input_site = site.name

@@ -59,6 +59,9 @@ class Site:
     folds: list[tuple[str, list[str], list[str]]] = field(default_factory=list)
     block: int = 1  # channels are removed in aligned blocks of this size
     part: int = 0  # each aligned partition of this many channels loses the same number (0: all)
+    #: a group (``kind == "group"``): the other producers whose outputs lose the same channels
+    members: list[str] = field(default_factory=list)
+    kind: str = "site"  # "site" (one producer's activation) or "group" (tensors joined by adds / products)
     kept: list[int] | None = None  # after shrink(): original indices of the channels that remain
     original_channels: int | None = None  # after shrink(): channel count before removal
 
@@ -66,6 +69,11 @@ class Site:
     def channel_modules(self) -> list[str]:
         """Non-layer modules with per-channel parameters that shrink with the site."""
         return [n for n, _ in self.side] + list(self.tied_norms)
+
+    @property
+    def producers(self) -> list[str]:
+        """Every layer whose output channels this site / group removes (not counting gates, tied convs)."""
+        return [self.producer, *self.members]
 
     @property
     def parts(self) -> int:

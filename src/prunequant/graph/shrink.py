@@ -292,7 +292,8 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
         # Producer side.
         for s in plan.sites:
             idx = (masks[s.name] != 0).nonzero().flatten()
-            _slice_out(gm.get_submodule(s.producer), _expand(idx, s.repeat), s.producer)
+            for p in s.producers:
+                _slice_out(gm.get_submodule(p), _expand(idx, s.repeat), p)
             for name, k in s.side:
                 _slice_channelwise(gm.get_submodule(name), _expand(idx, k), name)
             for t in s.tied:
@@ -336,8 +337,8 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             if s.part == k:
                 s.part = 0
         old = mods[s.name]
-        rec = ChannelMask(k, stat=old.stat)
-        rec.stat_sum.copy_(old.stat_sum.detach().cpu()[m])
+        rec = ChannelMask(k, stat=old.stat, points=old.points, aggregate=old.aggregate)
+        rec.stat_sum.copy_(old.stat_sum.detach().cpu()[..., m])
         rec.stat_count.copy_(old.stat_count)
         rec.frozen.fill_(True)
         rec.to(old.mask.device)

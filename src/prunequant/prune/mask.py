@@ -6,6 +6,12 @@ module is in training mode it adds the per-channel statistic of its *input* (the
 its own mask, after every earlier mask) to ``stat_sum`` and counts the batch in ``stat_count``:
 an equal-weight mean over the batches of the estimation window.
 
+A channel group (tensors joined by residual adds, see :func:`prunequant.graph.discover.discover_groups`)
+has one mask applied at several points and gathers one row of statistics per point
+(``points > 1``: ``stat_sum`` is ``[points, channels]``, ``stat_count`` ``[points]``). Its importance
+is the mean over points (``aggregate="mean"``: every tensor of the group weighs the same, as each is
+read by the next block) or the maximum (``"max"``: a channel any block relies on strongly is kept).
+
 All state is in buffers (``mask``, ``stat_sum``, ``stat_count``, ``collecting``, ``frozen``,
 ``collected_steps``), so ``state_dict`` round-trips it and ranks can all-reduce the sums.
 """
@@ -18,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 ACTIVATION_STATS = ("a_l1", "a_l0")
+GROUP_AGGREGATES = ("mean", "max")
 
 
 def batch_channel_stat(x: Tensor, kind: str) -> Tensor:
@@ -88,18 +95,43 @@ def mask_from_scores(
     return mask
 
 
-class ChannelMask(nn.Module):
-    """Multiply channel ``c`` (dim 1) by ``mask[c]``; optionally gather activation statistics."""
+def aggregate_stat(stat_sum: Tensor, stat_count: Tensor, how: str = "mean") -> Tensor:
+    """Per-channel importance from running sums: ``sum / count``; with one row per point (``[P, C]``
+    sums, ``[P]`` counts) the rows that saw data are combined by ``how`` ("mean" or "max")."""
+    if stat_sum.dim() == 1:
+        return stat_sum / stat_count if float(stat_count) > 0 else torch.zeros_like(stat_sum)
+    seen = stat_count > 0
+    if not bool(seen.any()):
+        return torch.zeros_like(stat_sum[0])
+    rows = stat_sum[seen] / stat_count[seen].unsqueeze(1)
+    if how == "mean":
+        return rows.mean(dim=0)
+    if how == "max":
+        return rows.amax(dim=0)
+    raise ValueError(f"unknown aggregate {how!r}; allowed: {GROUP_AGGREGATES}")
 
-    def __init__(self, channels: int, stat: str = "a_l1"):
+
+class ChannelMask(nn.Module):
+    """Multiply channel ``c`` (dim 1) by ``mask[c]``; optionally gather activation statistics.
+
+    ``points`` > 1: the mask of a channel group, applied at several tensors, with one row of
+    statistics per point, combined by ``aggregate`` (see module docs).
+    """
+
+    def __init__(self, channels: int, stat: str = "a_l1", points: int = 1, aggregate: str = "mean"):
         super().__init__()
         if stat not in ACTIVATION_STATS + ("none",):
             raise ValueError(f"unknown statistic {stat!r}")
+        if aggregate not in GROUP_AGGREGATES:
+            raise ValueError(f"unknown aggregate {aggregate!r}; allowed: {GROUP_AGGREGATES}")
         self.channels = int(channels)
         self.stat = stat
+        self.points = int(points)
+        self.aggregate = aggregate
+        rows = () if self.points == 1 else (self.points,)
         self.register_buffer("mask", torch.ones(channels))
-        self.register_buffer("stat_sum", torch.zeros(channels, dtype=torch.float64))
-        self.register_buffer("stat_count", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("stat_sum", torch.zeros(*rows, channels, dtype=torch.float64))
+        self.register_buffer("stat_count", torch.zeros(rows, dtype=torch.float64))
         self.register_buffer("collecting", torch.zeros((), dtype=torch.bool))
         self.register_buffer("frozen", torch.zeros((), dtype=torch.bool))
 
@@ -109,28 +141,35 @@ class ChannelMask(nn.Module):
         self.stat_count.zero_()
 
     def mean_stat(self) -> Tensor:
-        """Equal-weight mean of the per-batch statistic over the batches seen so far."""
-        if self.stat_count <= 0:
-            return torch.zeros_like(self.stat_sum)
-        return self.stat_sum / self.stat_count
+        """Equal-weight mean of the per-batch statistic over the batches seen so far (combined over
+        the points of a group by :attr:`aggregate`)."""
+        return aggregate_stat(self.stat_sum, self.stat_count, self.aggregate)
 
     @property
     def kept(self) -> int:
         """Number of channels the mask keeps."""
         return int(self.mask.count_nonzero())
 
-    def forward(self, x: Tensor, collect: bool = True) -> Tensor:
+    def forward(self, x: Tensor, collect: bool | int = True) -> Tensor:
         """Apply the mask; gather statistics of the unmasked input while collecting.
 
-        ``collect=False`` is used where the same mask is applied a second time (tied depthwise).
+        ``collect=False`` is used where the same mask is applied a second time (tied depthwise, a
+        group's member outputs); an integer is the statistics row of a group's point.
         """
-        if collect and self.training and bool(self.collecting) and self.stat != "none":
+        if collect is not False and self.training and bool(self.collecting) and self.stat != "none":
             with torch.no_grad():
-                self.stat_sum += batch_channel_stat(x, self.stat).to(torch.float64)
-                self.stat_count += 1
+                s = batch_channel_stat(x, self.stat).to(torch.float64)
+                if self.points == 1:
+                    self.stat_sum += s
+                    self.stat_count += 1
+                else:
+                    i = 0 if collect is True else int(collect)
+                    self.stat_sum[i] += s
+                    self.stat_count[i] += 1
         shape = [1] * x.dim()
         shape[1] = -1
         return x * self.mask.to(x.dtype).reshape(shape)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, stat={self.stat}"
+        extra = f", points={self.points}, aggregate={self.aggregate}" if self.points > 1 else ""
+        return f"channels={self.channels}, stat={self.stat}{extra}"

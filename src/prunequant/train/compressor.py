@@ -30,7 +30,7 @@ from ..errors import ScheduleError
 from ..graph.instrument import instrument, raw_weight, weight_quantizer
 from ..graph.ops import LAYER_TYPES
 from ..graph.trace import trace
-from ..prune.mask import ChannelMask, mask_from_scores
+from ..prune.mask import ChannelMask, aggregate_stat, mask_from_scores
 from ..prune.schedule import ScheduleSpec
 from ..quant.quantizers import ActQuantizer
 from ..recipe import Recipe, RecipeError, did_you_mean
@@ -168,6 +168,8 @@ class Compressor:
             weight_clip=q.weight_clip if q else "max",
             weight_range=q.weight_range if q else "full",
             example_input=example_input,
+            groups=p.groups if p else False,
+            group_stat=p.group_stat if p else "mean",
         )
         self.model.register_buffer("pq_step", torch.zeros((), dtype=torch.int64))
         self.example_input = example_input
@@ -209,8 +211,10 @@ class Compressor:
 
         if p is not None:
             modules = [n for n, _ in model.named_modules() if n]
-            check("prune.exclude", p.exclude, layers + [m for m in modules if m not in layers],
-                  "layer or module")
+            groups = [s.name for s in self.plan.sites if s.kind == "group"]
+            groups += [n for n in self.plan.skipped if n.startswith("group:")]
+            check("prune.exclude", p.exclude, layers + [m for m in modules if m not in layers] + groups,
+                  "layer, module or group")
             check("prune.per_layer", list(p.per_layer), [s.name for s in self.plan.sites], "prunable layer")
         if q is not None:
             check("quant.per_layer", list(q.per_layer), layers, "conv / linear layer")
@@ -272,13 +276,17 @@ class Compressor:
                     "since its window started. Run the model in train mode (model.train()) and call "
                     "comp.step() once after each optimizer step")
             return mean
-        if imp == "w_l1":
-            w = raw_weight(self.model.get_submodule(self.plan.sites[i].producer)).detach()
-            if w.dim() == 2:  # linear: [out, in]
-                return w.abs().mean(dim=1)
-            axis = 1 if self.plan.layers[self.plan.sites[i].producer].kind == "convT" else 0
-            return w.abs().transpose(0, axis).reshape(w.shape[axis], -1).mean(dim=1)
+        if imp == "w_l1":  # a group: the mean over its producers
+            return torch.stack([self._weight_l1(p) for p in self.plan.sites[i].producers]).mean(dim=0)
         return self._rng_scores[i]
+
+    def _weight_l1(self, layer: str) -> Tensor:
+        """Mean |w| of each output channel of ``layer`` (W-L1)."""
+        w = raw_weight(self.model.get_submodule(layer)).detach()
+        if w.dim() == 2:  # linear: [out, in]
+            return w.abs().mean(dim=1)
+        axis = 1 if self.plan.layers[layer].kind == "convT" else 0
+        return w.abs().transpose(0, axis).reshape(w.shape[axis], -1).mean(dim=1)
 
     @property
     def step_count(self) -> int:
@@ -448,7 +456,9 @@ def _reduced_mean(m: ChannelMask) -> tuple[Tensor, float]:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
-        return m.mean_stat(), float(m.stat_count)
-    both = torch.cat([m.stat_sum, m.stat_count.reshape(1)])
+        return m.mean_stat(), float(m.stat_count.max())
+    sums, counts = m.stat_sum.reshape(-1), m.stat_count.reshape(-1)
+    both = torch.cat([sums, counts])
     dist.all_reduce(both)
-    return both[:-1] / both[-1].clamp(min=1), float(both[-1])
+    s, c = both[:sums.numel()].reshape(m.stat_sum.shape), both[sums.numel():].reshape(m.stat_count.shape)
+    return aggregate_stat(s, c, m.aggregate), float(c.max())
