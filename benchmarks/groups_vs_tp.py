@@ -21,9 +21,10 @@ layers, one sample; the same definitions for all columns), and the dense / TP mo
 removes ``C - int(C * (1 - ratio))`` channels of every coupled group (a layer and everything tied to
 it), prunequant removes ``floor(ratio * C)`` channels of every site it found (and nothing elsewhere).
 
-Each (model, method) cell is cached as ``OUT/groups_vs_tp_cache/*.json`` (``--force`` recomputes);
-the table goes to ``OUT/groups_vs_tp.json`` and ``OUT/groups_vs_tp.md``. Full run (about 10 minutes on
-2 CPU cores)::
+Each (model, method) cell is cached as ``OUT/groups_vs_tp_cache/*.json``, prunequant cells keyed by a
+hash of prunequant's sources (``--force`` recomputes);
+the table goes to ``OUT/groups_vs_tp.json`` and ``OUT/groups_vs_tp.md``. Full run (about 2 minutes on 2
+CPU cores)::
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/groups_vs_tp.py --size 224
 
@@ -35,6 +36,8 @@ and a quick one::
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.metadata
 import inspect
 import json
 import platform
@@ -103,6 +106,17 @@ def pq_numbers(model: nn.Module, x: torch.Tensor) -> dict:
             "act_mbit": m.act_mbit}
 
 
+def out_channels(model: nn.Module) -> dict[str, int]:
+    """Output channels / features of every conv and linear layer, by module name."""
+    return {n: (m.out_features if isinstance(m, nn.Linear) else m.out_channels)
+            for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd))}
+
+
+def narrowed(model: nn.Module, dense: dict[str, int]) -> list[str]:
+    """Conv / linear layers of ``model`` with fewer output channels than in the dense model."""
+    return [n for n, c in out_channels(model).items() if n in dense and c < dense[n]]
+
+
 def reason_kind(reason: str, words: int = 5) -> str:
     """The first words of a 'why not pruned' reason, module / node names as <x>, numbers as N."""
     head = re.split(r"[;(]", reason, maxsplit=1)[0]
@@ -126,6 +140,7 @@ def run_tp(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
     import torch_pruning as tp
 
     model = build(name)
+    dense_out = out_channels(model)
     with torch.no_grad():
         ref_shape = tuple(model(x).shape)
     phase("TP dependency graph")
@@ -146,7 +161,7 @@ def run_tp(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
     res = pq_numbers(model, x)
     tp_macs, tp_params = tp.utils.count_ops_and_params(model, x)
     res.update(tp_macs=int(tp_macs), tp_params=int(tp_params), pruned_groups=groups,
-               pruned_channels=channels)
+               pruned_channels=channels, narrowed_layers=narrowed(model, dense_out))
     try:
         with torch.no_grad():
             out = model(x)
@@ -188,6 +203,7 @@ def run_pq(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
     if groups and not has_groups():
         return {"not_run": "this prunequant's instrument() has no groups= keyword yet"}
     model = build(name)
+    dense_out = out_channels(model)
     phase("pq instrument")
     kw = {"groups": groups} if has_groups() else {}
     gm, plan = instrument(model, prune_stat="a_l1", example_input=x, **kw)
@@ -218,8 +234,8 @@ def run_pq(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
         allclose=bool(torch.allclose(masked, out, atol=ATOL)),
         max_abs_diff=float((masked - out).abs().max()),
         masked_equals_shrunk_counts=(masked_m.macs, masked_m.params) == (res["macs"], res["params"]),
-        skipped_count=len(skipped), skipped_kinds=dict(Counter(reason_kind(r) for r in skipped.values())
-                                                       .most_common()),
+        narrowed_layers=narrowed(small, dense_out), skipped_count=len(skipped),
+        skipped_kinds=dict(Counter(reason_kind(r) for r in skipped.values()).most_common()),
         skipped=skipped)
     return res
 
@@ -233,8 +249,27 @@ def versions() -> dict:
 
     tv = import_torchvision()
     return {"torch": torch.__version__, "torchvision": tv.__version__,
-            "torch_pruning": getattr(tp, "__version__", "?"), "prunequant": prunequant_revision(),
+            "torch_pruning": tp_version(tp), "prunequant": prunequant_revision(),
             "python": platform.python_version()}
+
+
+def tp_version(tp) -> str:
+    """The installed torch-pruning distribution's version (its ``__version__`` can lag behind)."""
+    try:
+        return importlib.metadata.version("torch-pruning")
+    except importlib.metadata.PackageNotFoundError:
+        return getattr(tp, "__version__", "?")
+
+
+def source_digest() -> str:
+    """A short hash of prunequant's Python sources (keys the cached prunequant cells)."""
+    import prunequant
+
+    h = hashlib.sha1()
+    root = Path(prunequant.__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:10]
 
 
 def prunequant_revision() -> str:
@@ -306,6 +341,20 @@ def markdown(report: dict) -> str:
                 continue
             kinds = "; ".join(f"{k}: {n}" for k, n in c["skipped_kinds"].items()) or "none"
             lines.append(f"- {name}, {LABELS[meth]} ({c['skipped_count']} skipped): {kinds}")
+    lines += ["", "## Layers Torch-Pruning narrows (fewer output channels) that prunequant leaves whole", ""]
+    for name, cells in report["models"].items():
+        tp_layers = set(cells.get("tp", {}).get("narrowed_layers", []))
+        for meth in ("pq", "pq_groups"):
+            c = cells.get(meth)
+            if not c or "narrowed_layers" not in c or not tp_layers:
+                continue
+            miss = [n for n in cells["tp"]["narrowed_layers"] if n not in set(c["narrowed_layers"])]
+            extra = [n for n in c["narrowed_layers"] if n not in tp_layers]
+            shown = ", ".join(f"`{n}`" for n in miss[:8]) + (f", ... ({len(miss) - 8} more)" if len(miss) > 8
+                                                              else "")
+            lines.append(f"- {name}, {LABELS[meth]}: {len(miss)} of {len(tp_layers)}"
+                         + (f": {shown}" if miss else "")
+                         + (f"; narrowed by prunequant only: {len(extra)}" if extra else ""))
     lines += ["", "Notes:", ""] + [f"- {n}" for n in report["notes"]]
     return "\n".join(lines) + "\n"
 
@@ -332,7 +381,9 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(m, k) for m in a.models for k in a.methods]
     bar = tqdm(cells, desc="groups_vs_tp", unit="cell", file=sys.stderr)
     for name, meth in bar:
-        key = f"{name}-{meth}-s{a.size}-r{a.ratio:g}" + (f"-{a.scores}" if meth.startswith("pq") else "")
+        key = f"{name}-{meth}-s{a.size}-r{a.ratio:g}"
+        if meth.startswith("pq"):  # a changed prunequant source does not reuse its old cells
+            key += f"-{a.scores}-pq{source_digest()}"
         path = cache / f"{key}.json"
 
         def phase(what: str, name=name, meth=meth) -> None:

@@ -40,6 +40,8 @@ def test_groups_vs_tp_resnet18(tmp_path: Path) -> None:
     if bench.has_groups():
         assert grouped["allclose"] and grouped["masked_equals_shrunk_counts"]
         assert grouped["group_sites"] > 0 and grouped["macs"] < pq["macs"]
+        # resnet18: with groups, prunequant narrows exactly the layers Torch-Pruning does
+        assert set(grouped["narrowed_layers"]) == set(tp["narrowed_layers"])
     else:
         assert "groups=" in grouped["not_run"]
 
