@@ -3,26 +3,25 @@
 The graph is built with the ``onnx.helper`` API (no ``torch.onnx`` tracing): every fx node maps to a
 few ONNX nodes, with the quantizers emitted by a *quantization style* (:class:`QDQStyle` or
 :class:`QONNXStyle`, see :mod:`.onnx_export`). Shapes come from running the model once on the example
-input (``torch.fx.passes.shape_prop``). An op this translator does not know raises
+input (``torch.fx.passes.shape_prop``). Quantizers and masks are handled here; every other op is
+emitted by its entry in the op registry (:data:`prunequant.graph.ops.RULES`, ``OpRule.emit``), the
+same entries the channel walker reads. An op with no entry (or no emitter) raises
 :class:`~._checks.ExportError` naming the node, the op and the module path.
 """
 
 from __future__ import annotations
 
-import math
-import operator
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ..graph.instrument import raw_weight, weight_quantizer
-from ..graph.ops import CONV_TYPES, CONVT_TYPES, NORM_TYPES, is_stochastic_depth
+from ..graph.ops import CONV_TYPES, CONVT_TYPES, NORM_TYPES, RULES, rule_of
 from ..graph.trace import is_mode_node
 from ..prune.mask import ChannelMask
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
@@ -183,10 +182,6 @@ def _conv_pads(m: nn.Module, nd: int, name: str) -> list[int]:
     return p + p
 
 
-#: Functional dropouts (identity when their ``training`` argument is False).
-_DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
-
-
 class Translator:
     """Walks the fx graph and emits ONNX through a :class:`Builder` and a :class:`QuantStyle`."""
 
@@ -242,15 +237,30 @@ class Translator:
         raise ExportError(f"unsupported argument {v!r} (expected a tensor)")
 
     def fail(self, n: fx.Node, what: str) -> ExportError:
+        where = n.meta.get("pq_module") if n.meta else None
+        known = ", ".join(r.name for r in RULES if r.emit is not None)
         return ExportError(
-            f"cannot export node {n.name!r} ({n.op} {what}): not supported by prunequant's ONNX "
-            "translator. Supported: conv / transposed conv / linear, batch / instance / group norm, "
-            "ReLU / ReLU6 / LeakyReLU / PReLU / SiLU / GELU / Hardswish / Hardsigmoid / ELU / SELU / CELU "
-            "/ Mish / softplus / softsign / sigmoid / tanh / hardtanh / softmax, max / avg / adaptive "
-            "pooling, flatten / view / reshape / permute / transpose, slicing, split / chunk, cat, "
-            "add / sub / mul / div, mean, pad, nearest / linear upsampling, pixel (un)shuffle, dropout "
-            "/ identity (docs/export.md). Rewrite that part of forward() with these ops or open an issue"
+            f"cannot export node {n.name!r} ({n.op} {what}"
+            + (f" in module '{where}'" if where and n.op != "call_module" else "")
+            + "): not supported by prunequant's ONNX translator. Supported ops "
+            f"(prunequant.graph.ops.RULES): {known} (docs/export.md). Rewrite that part of forward() "
+            "with these ops or open an issue"
         )
+
+    def module(self, n: fx.Node) -> nn.Module:
+        return self.modules[str(n.target)]
+
+    def hint(self, n: fx.Node) -> str:
+        """Name hint of the ONNX nodes made for ``n``: the module path, else the fx node name."""
+        return str(n.target) if n.op == "call_module" else n.name
+
+    def batch_shape(self, n: fx.Node) -> tuple[Any, ...]:
+        """``x.shape`` as python values, with the batch dimension symbolic."""
+        return (BATCH,) + self.shape(n)[1:]
+
+    def op(self, op: str, n: fx.Node, inputs: list[str], **attrs: Any) -> str:
+        """One ONNX node computing ``n`` (output shape recorded)."""
+        return self.set(self.b.node(op, inputs, self.hint(n), **attrs), n)
 
     # ------------------------------------------------------------------ main loop
     def run(self, example_input: torch.Tensor) -> tuple[list[str], list[tuple[int, ...]]]:
@@ -273,12 +283,8 @@ class Translator:
                 for part in str(n.target).split("."):
                     t = getattr(t, part)
                 self.env[n] = t
-            elif n.op == "call_module":
-                self.env[n] = self.call_module(n)
-            elif n.op == "call_function":
-                self.env[n] = self.call_function(n)
-            elif n.op == "call_method":
-                self.env[n] = self.call_method(n)
+            elif n.op in ("call_module", "call_function", "call_method"):
+                self.env[n] = self.call(n)
             elif n.op == "output":
                 res = n.args[0]
                 items = list(res) if isinstance(res, (list, tuple)) else [res]
@@ -295,175 +301,113 @@ class Translator:
             self.b.shapes[name] = tuple(int(s) for s in tm.shape)
         return name
 
-    # ------------------------------------------------------------------ modules
-    def call_module(self, n: fx.Node) -> Any:
-        m = self.modules[str(n.target)]
-        name = str(n.target)
-        b = self.b
-        x = self.tensor(n.args[0]) if n.args else None
-        if isinstance(m, ActQuantizer):
-            if not bool(m.enabled):
-                return x
-            return self.style.act(b, x, m, name, self.shape(n))
-        if isinstance(m, ChannelMask):
-            mask = m.mask.detach().to(torch.float32).cpu().numpy()
-            if bool(np.all(mask == 1.0)):
-                return x
-            shp = [1] * len(self.shape(n))
-            shp[1] = -1
-            return self.set(b.node("Mul", [x, b.init(f"{name}.mask", mask.reshape(shp))], name), n)
-        if isinstance(m, CONV_TYPES + CONVT_TYPES):
-            nd = m.weight.dim() - 2
-            if n in self.folded:
-                bn = self.modules[str(self.folded[n].target)]
-                g = _bn_factor(bn)
-                beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else 0.0
-                mean = bn.running_mean.detach().double().cpu().numpy()
-                b0 = m.bias.detach().double().cpu().numpy() if m.bias is not None else 0.0
-                w, w_scale = self.style.folded_weight(b, m, weight_quantizer(m), name, g)
-                ins = [x, w, self.style.bias(b, x, (b0 - mean) * g + beta, w_scale, name)]
-            else:
-                w = _weight(b, self.style, m, name)
-                bias = _bias(b, m, name, shape=[1, -1] + [1] * nd if self.style.bias_as_add else None)
-                ins = [x, w] + ([bias] if bias and not self.style.bias_as_add else [])
-            attrs = dict(kernel_shape=_tuple(m.kernel_size, nd), strides=_tuple(m.stride, nd),
-                         dilations=_tuple(m.dilation, nd), group=int(m.groups))
-            if n not in self.folded and bias and self.style.bias_as_add:
-                op = "ConvTranspose" if isinstance(m, CONVT_TYPES) else "Conv"
-                if op == "ConvTranspose":
-                    p = _tuple(m.padding, nd)
-                    attrs.update(pads=p + p, output_padding=_tuple(m.output_padding, nd))
-                else:
-                    attrs["pads"] = _conv_pads(m, nd, name)
-                y = b.node(op, ins, name, **attrs)
-                return self.set(b.node("Add", [y, bias], name), n)
-            if isinstance(m, CONVT_TYPES):
-                if getattr(m, "padding_mode", "zeros") != "zeros":
-                    raise ExportError(f"{name}: padding_mode {m.padding_mode!r} not supported")
-                p = _tuple(m.padding, nd)
-                attrs.update(pads=p + p, output_padding=_tuple(m.output_padding, nd))
-                return self.set(b.node("ConvTranspose", ins, name, **attrs), n)
-            attrs["pads"] = _conv_pads(m, nd, name)
-            return self.set(b.node("Conv", ins, name, **attrs), n)
-        if isinstance(m, nn.Linear):
-            w = _weight(b, self.style, m, name)
-            bias = _bias(b, m, name)
-            if len(self.shape(n.args[0])) == 2:
-                if bias and self.style.bias_as_add:
-                    return self.set(b.node("Add", [b.node("Gemm", [x, w], name, transB=1), bias], name), n)
-                return self.set(b.node("Gemm", [x, w] + ([bias] if bias else []), name, transB=1), n)
-            wt = b.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
-            y = b.node("MatMul", [x, wt], name)
-            return self.set(b.node("Add", [y, bias], name) if bias else y, n)
-        if isinstance(m, NORM_TYPES):
-            if n in self.folded_bn:
-                return x
-            if m.running_mean is None:
-                raise ExportError(f"{name}: BatchNorm without running statistics cannot be exported")
-            return self.running_norm(n, x, m)
-        if isinstance(m, (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)):
-            return self.instance_norm(n, x, m)
-        if isinstance(m, nn.GroupNorm):
-            return self.group_norm(n, x, m.num_groups, m.weight, m.bias, m.eps)
-        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-                          nn.FeatureAlphaDropout, nn.Identity)):
+    def call(self, n: fx.Node) -> Any:
+        """One call node: quantizers and masks here, every other op through its registry entry."""
+        first = self.val(n.args[0]) if n.args else None
+        x = first if isinstance(first, str) else None
+        if n.op == "call_module":
+            m = self.module(n)
+            if isinstance(m, ActQuantizer):
+                if not bool(m.enabled):
+                    return x
+                return self.style.act(self.b, x, m, str(n.target), self.shape(n))
+            if isinstance(m, ChannelMask):
+                return self.mask(n, x, m)
+        rule = rule_of(self.gm, n)
+        if rule is None or rule.emit is None:
+            if n.op == "call_module":
+                raise self.fail(n, f"module {n.target} of type {type(self.module(n)).__name__}")
+            if n.op == "call_method":
+                raise self.fail(n, f"method .{n.target}()")
+            raise self.fail(n, getattr(n.target, "__name__", str(n.target)))
+        return rule.emit(self, n, x)
+
+    # ------------------------------------------------------------------ emitters the registry calls
+    def mask(self, n: fx.Node, x: str, m: ChannelMask) -> str:
+        mask = m.mask.detach().to(torch.float32).cpu().numpy()
+        if bool(np.all(mask == 1.0)):
             return x
-        if isinstance(m, nn.PixelUnshuffle):
-            return self.pixel_unshuffle(n, x, int(m.downscale_factor))
-        if isinstance(m, (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d)):
-            return self.resize(n, x, m.mode, m.align_corners)
-        if isinstance(m, (nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.ConstantPad1d, nn.ConstantPad2d,
-                          nn.ConstantPad3d)):
-            return self.pad(n, x, m.padding, "constant", float(getattr(m, "value", 0.0)))
-        if isinstance(m, (nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d)):
-            return self.pad(n, x, m.padding, "reflect")
-        if isinstance(m, (nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d)):
-            return self.pad(n, x, m.padding, "replicate")
-        if isinstance(m, nn.Flatten):
-            return self.flatten(n, x, m.start_dim, m.end_dim)
-        if isinstance(m, nn.PixelShuffle):
-            return self.set(b.node("DepthToSpace", [x], name, blocksize=int(m.upscale_factor), mode="CRD"), n)
-        if isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
-            return self.adaptive(n, x, "avg")
-        if isinstance(m, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-            return self.adaptive(n, x, "max")
-        if isinstance(m, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)):
-            if m.return_indices:
-                raise self.fail(n, f"{type(m).__name__}(return_indices=True)")
-            return self.pool(n, x, "max", m.kernel_size, m.stride, m.padding, m.ceil_mode, m.dilation)
-        if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
-            if getattr(m, "divisor_override", None):
-                raise self.fail(n, f"{type(m).__name__}(divisor_override)")
-            return self.pool(n, x, "avg", m.kernel_size, m.stride, m.padding, m.ceil_mode, 1,
-                             m.count_include_pad)
-        act = self.activation(n, x, m)
-        if act is not None:
-            return act
-        raise self.fail(n, f"module {name} of type {type(m).__name__}")
+        shp = [1] * len(self.shape(n))
+        shp[1] = -1
+        return self.op("Mul", n, [x, self.b.init(f"{n.target}.mask", mask.reshape(shp))])
 
-    def activation(self, n: fx.Node, x: str, m: nn.Module) -> str | None:
+    def conv(self, n: fx.Node, x: str, m: nn.Module) -> str:
         b, name = self.b, str(n.target)
-        if isinstance(m, nn.ReLU):
-            return self.set(b.node("Relu", [x], name), n)
-        if isinstance(m, nn.ReLU6):
-            return self.set(b.node("Clip", [x, b.const(0.0), b.const(6.0)], name), n)
-        if isinstance(m, nn.Hardtanh):
-            return self.set(b.node("Clip", [x, b.const(m.min_val), b.const(m.max_val)], name), n)
-        if isinstance(m, nn.LeakyReLU):
-            return self.set(b.node("LeakyRelu", [x], name, alpha=float(m.negative_slope)), n)
-        if isinstance(m, nn.PReLU):
-            slope = m.weight.detach().to(torch.float32).cpu().numpy()
-            rank = len(self.shape(n))
-            if slope.size > 1:
-                slope = slope.reshape([-1] + [1] * max(rank - 2, 0))
-            return self.set(b.node("PRelu", [x, b.init(f"{name}.weight", slope)], name), n)
-        if isinstance(m, nn.ELU):
-            return self.set(b.node("Elu", [x], name, alpha=float(m.alpha)), n)
-        if isinstance(m, nn.Sigmoid):
-            return self.set(b.node("Sigmoid", [x], name), n)
-        if isinstance(m, nn.Tanh):
-            return self.set(b.node("Tanh", [x], name), n)
-        if isinstance(m, nn.SiLU):
-            return self.silu(n, x)
-        if isinstance(m, nn.Hardswish):
-            return self.hardswish(n, x)
-        if isinstance(m, nn.GELU):
-            return self.gelu(n, x, m.approximate)
-        if isinstance(m, nn.Hardsigmoid):
-            return self.set(b.node("HardSigmoid", [x], name, alpha=1.0 / 6.0, beta=0.5), n)
-        if isinstance(m, nn.Softplus) and float(m.beta) == 1.0:
-            return self.set(b.node("Softplus", [x], name), n)
-        if isinstance(m, nn.SELU):
-            return self.set(b.node("Selu", [x], name), n)
-        if isinstance(m, nn.CELU):
-            return self.set(b.node("Celu", [x], name, alpha=float(m.alpha)), n)
-        if isinstance(m, nn.Softsign):
-            return self.set(b.node("Softsign", [x], name), n)
-        if isinstance(m, nn.Mish):
-            sp = b.node("Softplus", [x], f"{name}_softplus")
-            return self.set(b.node("Mul", [x, b.node("Tanh", [sp], f"{name}_tanh")], name), n)
-        if isinstance(m, nn.Softmax):
-            return self.set(b.node("Softmax", [x], name, axis=int(m.dim if m.dim is not None else -1)), n)
-        return None
-
-    def silu(self, n: fx.Node, x: str) -> str:
-        s = self.b.node("Sigmoid", [x], f"{n.name}_sigmoid")
-        return self.set(self.b.node("Mul", [x, s], n.name), n)
-
-    def hardswish(self, n: fx.Node, x: str) -> str:
-        s = self.b.node("HardSigmoid", [x], f"{n.name}_hsig", alpha=1.0 / 6.0, beta=0.5)
-        return self.set(self.b.node("Mul", [x, s], n.name), n)
-
-    def gelu(self, n: fx.Node, x: str, approximate: str = "none") -> str:
-        b = self.b
-        if approximate == "tanh":
-            x3 = b.node("Mul", [b.node("Mul", [x, x], n.name), x], n.name)
-            inner = b.node("Add", [x, b.node("Mul", [x3, b.const(0.044715)], n.name)], n.name)
-            t = b.node("Tanh", [b.node("Mul", [inner, b.const(math.sqrt(2.0 / math.pi))], n.name)], n.name)
+        nd = m.weight.dim() - 2
+        bias = None
+        if n in self.folded:
+            bn = self.modules[str(self.folded[n].target)]
+            g = _bn_factor(bn)
+            beta = bn.bias.detach().double().cpu().numpy() if bn.bias is not None else 0.0
+            mean = bn.running_mean.detach().double().cpu().numpy()
+            b0 = m.bias.detach().double().cpu().numpy() if m.bias is not None else 0.0
+            w, w_scale = self.style.folded_weight(b, m, weight_quantizer(m), name, g)
+            ins = [x, w, self.style.bias(b, x, (b0 - mean) * g + beta, w_scale, name)]
         else:
-            t = b.node("Erf", [b.node("Mul", [x, b.const(1.0 / math.sqrt(2.0))], n.name)], n.name)
-        one = b.node("Add", [t, b.const(1.0)], n.name)
-        return self.set(b.node("Mul", [b.node("Mul", [x, one], n.name), b.const(0.5)], n.name), n)
+            w = _weight(b, self.style, m, name)
+            bias = _bias(b, m, name, shape=[1, -1] + [1] * nd if self.style.bias_as_add else None)
+            ins = [x, w] + ([bias] if bias and not self.style.bias_as_add else [])
+        attrs = dict(kernel_shape=_tuple(m.kernel_size, nd), strides=_tuple(m.stride, nd),
+                     dilations=_tuple(m.dilation, nd), group=int(m.groups))
+        op = "ConvTranspose" if isinstance(m, CONVT_TYPES) else "Conv"
+        if op == "ConvTranspose":
+            if getattr(m, "padding_mode", "zeros") != "zeros":
+                raise ExportError(f"{name}: padding_mode {m.padding_mode!r} not supported")
+            p = _tuple(m.padding, nd)
+            attrs.update(pads=p + p, output_padding=_tuple(m.output_padding, nd))
+        else:
+            attrs["pads"] = _conv_pads(m, nd, name)
+        if bias and self.style.bias_as_add:
+            return self.op("Add", n, [b.node(op, ins, name, **attrs), bias])
+        return self.op(op, n, ins, **attrs)
+
+    def linear(self, n: fx.Node, x: str, m: nn.Module) -> str:
+        """Gemm for 2-d inputs; MatMul over the last dim otherwise (e.g. channels-last ConvNeXt MLPs)."""
+        b, name = self.b, str(n.target)
+        w = _weight(b, self.style, m, name)
+        bias = _bias(b, m, name)
+        if len(self.shape(n.args[0])) == 2:
+            if bias and self.style.bias_as_add:
+                return self.op("Add", n, [b.node("Gemm", [x, w], name, transB=1), bias])
+            return self.op("Gemm", n, [x, w] + ([bias] if bias else []), transB=1)
+        wt = b.node("Transpose", [w], f"{name}.weight_t", perm=[1, 0])
+        y = b.node("MatMul", [x, wt], name)
+        return self.op("Add", n, [y, bias]) if bias else self.set(y, n)
+
+    def batch_norm(self, n: fx.Node, x: str, m: nn.Module) -> str:
+        if n in self.folded_bn:
+            return x
+        if m.running_mean is None:
+            raise ExportError(f"{n.target}: BatchNorm without running statistics cannot be exported")
+        return self.running_norm(n, x, m)
+
+    def layer_norm(self, n: fx.Node, x: str, shape: list[int], weight: Any, bias: Any, eps: float,
+                   keep: bool = True) -> str:
+        """LayerNorm over the trailing ``len(shape)`` dims: LayerNormalization from opset 17, else
+        ReduceMean / Sub / Mul / Sqrt / Div (``keep=False``: an intermediate result, shape not recorded)."""
+        b, h = self.b, self.hint(n)
+        rank = len(self.shape(n))
+        axes = list(range(rank - len(shape), rank))
+
+        def arr(t: Any, fill: float) -> np.ndarray:
+            if t is None:
+                return np.full(shape, fill, np.float32)
+            return t.detach().to(torch.float32).cpu().numpy().reshape(shape)
+
+        w, bb = arr(weight, 1.0), (None if bias is None else arr(bias, 0.0))
+        if b.opset >= 17:
+            ins = [x, b.init(f"{h}.weight", w)] + ([b.init(f"{h}.bias", bb)] if bb is not None else [])
+            y = b.node("LayerNormalization", ins, h, axis=axes[0], epsilon=eps)
+        else:
+            mean = self.reduce_node("ReduceMean", x, axes, True, h)
+            d = b.node("Sub", [x, mean], h)
+            var = self.reduce_node("ReduceMean", b.node("Mul", [d, d], h), axes, True, h)
+            y = b.node("Div", [d, b.node("Sqrt", [b.node("Add", [var, b.const(eps)], h)], h)], h)
+            if weight is not None:
+                y = b.node("Mul", [y, b.init(f"{h}.weight", w)], h)
+            if bb is not None:
+                y = b.node("Add", [y, b.init(f"{h}.bias", bb)], h)
+        return self.set(y, n) if keep else y
 
     def running_norm(self, n: fx.Node, x: str, m: nn.Module) -> str:
         """A BatchNormalization node from a norm's affine parameters and running statistics."""
@@ -635,179 +579,16 @@ class Translator:
             return self.pool(n, x, kind, k, k, 0, False)
         raise self.fail(n, f"adaptive pooling {tuple(ins)} -> {tuple(out)} with uneven windows")
 
-    # ------------------------------------------------------------------ functions and methods
-    _BINARY: dict[Any, str] = {
-        operator.add: "Add", torch.add: "Add", operator.iadd: "Add",
-        operator.sub: "Sub", torch.sub: "Sub",
-        operator.mul: "Mul", torch.mul: "Mul", operator.imul: "Mul",
-        operator.truediv: "Div", torch.div: "Div",
-    }
-    _UNARY: dict[Any, str] = {
-        F.relu: "Relu", torch.relu: "Relu", torch.sigmoid: "Sigmoid", F.sigmoid: "Sigmoid",
-        torch.tanh: "Tanh", F.tanh: "Tanh",
-    }
+    def reduce_node(self, op: str, x: str, axes: list[int], keepdims: bool, hint: str) -> str:
+        """ReduceMean / ReduceMax (axes an input from opset 18) or ReduceSum (from opset 13)."""
+        if self.b.opset >= 18 or op == "ReduceSum":
+            return self.b.node(op, [x, self.b.const(axes, np.int64)], hint, keepdims=int(keepdims))
+        return self.b.node(op, [x], hint, axes=axes, keepdims=int(keepdims))
 
-    def call_function(self, n: fx.Node) -> Any:
-        f = n.target
-        b = self.b
-        if f is operator.getitem:
-            obj, idx = self.val(n.args[0]), self.val(n.args[1])
-            if isinstance(obj, (tuple, list)):
-                return obj[idx]
-            if isinstance(obj, str):
-                return self.index(n, obj, idx)
-            raise self.fail(n, f"indexing {type(obj).__name__}")
-        if f in (operator.floordiv, operator.mod) and not any(isinstance(self.val(a), str) for a in n.args):
-            return f(self.val(n.args[0]), self.val(n.args[1]))
-        if f is getattr:
-            obj, attr = n.args[0], n.args[1]
-            if attr == "shape" and isinstance(obj, fx.Node):
-                return (BATCH,) + self.shape(obj)[1:]
-            raise self.fail(n, f"getattr {attr}")
-        if f in self._BINARY:
-            a, c = n.args[0], n.args[1]
-            va, vc = self.val(a), self.val(c)
-            if isinstance(va, (int, float)) and isinstance(vc, (int, float)):
-                return f(va, vc)  # python arithmetic on sizes / constants
-            if n.kwargs.get("alpha", 1) != 1:
-                raise self.fail(n, "add/sub with alpha")
-            return self.set(b.node(self._BINARY[f], [self.tensor(a), self.tensor(c)], n.name), n)
-        if f in self._UNARY:
-            return self.set(b.node(self._UNARY[f], [self.tensor(n.args[0])], n.name), n)
-        x = self.tensor(n.args[0]) if n.args and isinstance(n.args[0], fx.Node) else None
-        kw = dict(n.kwargs)
-        if f is F.relu6:
-            return self.set(b.node("Clip", [x, b.const(0.0), b.const(6.0)], n.name), n)
-        if f is F.hardtanh:
-            lo = n.args[1] if len(n.args) > 1 else kw.get("min_val", -1.0)
-            hi = n.args[2] if len(n.args) > 2 else kw.get("max_val", 1.0)
-            return self.set(b.node("Clip", [x, b.const(lo), b.const(hi)], n.name), n)
-        if f is F.leaky_relu:
-            slope = n.args[1] if len(n.args) > 1 else kw.get("negative_slope", 0.01)
-            return self.set(b.node("LeakyRelu", [x], n.name, alpha=float(slope)), n)
-        if f is F.elu:
-            alpha = n.args[1] if len(n.args) > 1 else kw.get("alpha", 1.0)
-            return self.set(b.node("Elu", [x], n.name, alpha=float(alpha)), n)
-        if f in (torch.split, torch.chunk):
-            dim = n.args[2] if len(n.args) > 2 else kw.get("dim", 0)
-            return self.split(n, x, dim)
-        if f is F.pad:
-            pad = n.args[1] if len(n.args) > 1 else kw["pad"]
-            mode = n.args[2] if len(n.args) > 2 else kw.get("mode", "constant")
-            value = n.args[3] if len(n.args) > 3 else kw.get("value", None)
-            return self.pad(n, x, pad, mode, float(value or 0.0))
-        if f is F.interpolate:
-            mode = n.args[3] if len(n.args) > 3 else kw.get("mode", "nearest")
-            ac = n.args[4] if len(n.args) > 4 else kw.get("align_corners", None)
-            return self.resize(n, x, mode, ac)
-        if f is torch.transpose:
-            return self.transpose(n, x, n.args[1], n.args[2])
-        if f is F.pixel_unshuffle:
-            return self.pixel_unshuffle(n, x, int(n.args[1] if len(n.args) > 1 else kw["downscale_factor"]))
-        if f is F.hardsigmoid:
-            return self.set(b.node("HardSigmoid", [x], n.name, alpha=1.0 / 6.0, beta=0.5), n)
-        if f is F.softplus and (n.args[1] if len(n.args) > 1 else kw.get("beta", 1.0)) == 1.0:
-            return self.set(b.node("Softplus", [x], n.name), n)
-        if f is F.silu:
-            return self.silu(n, x)
-        if f is F.hardswish:
-            return self.hardswish(n, x)
-        if f is F.gelu:
-            return self.gelu(n, x, kw.get("approximate", "none"))
-        if f in _DROPOUTS or is_stochastic_depth(f):  # identity in eval mode; the flag is live (trace())
-            i = 3 if is_stochastic_depth(f) else 2
-            training = self.val(n.args[i] if len(n.args) > i else kw.get("training", True))
-            p = self.val(n.args[1] if len(n.args) > 1 else kw.get("p", 0.5))
-            if training is not False and p != 0:
-                raise self.fail(n, f"{f.__name__} with training={training!r}: active in eval mode")
-            return x
-        if f is torch.flatten:
-            start = n.args[1] if len(n.args) > 1 else kw.get("start_dim", 0)
-            end = n.args[2] if len(n.args) > 2 else kw.get("end_dim", -1)
-            return self.flatten(n, x, start, end)
-        if f in (torch.cat, torch.concat):
-            tensors = [self.tensor(t) for t in n.args[0]]
-            dim = n.args[1] if len(n.args) > 1 else kw.get("dim", 0)
-            return self.set(b.node("Concat", tensors, n.name, axis=int(dim) % len(self.shape(n))), n)
-        if f is F.pixel_shuffle:
-            r = n.args[1] if len(n.args) > 1 else kw["upscale_factor"]
-            return self.set(b.node("DepthToSpace", [x], n.name, blocksize=int(r), mode="CRD"), n)
-        if f in (F.adaptive_avg_pool2d, F.adaptive_avg_pool1d):
-            return self.adaptive(n, x, "avg")
-        if f is F.adaptive_max_pool2d:
-            return self.adaptive(n, x, "max")
-        if f in (F.avg_pool2d, F.max_pool2d):
-            names = ("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad")
-            if f is F.max_pool2d:
-                names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
-            a = dict(zip(names, n.args))
-            a.update(kw)
-            kind = "max" if f is F.max_pool2d else "avg"
-            return self.pool(n, x, kind, a["kernel_size"], a.get("stride"), a.get("padding", 0),
-                             a.get("ceil_mode", False), a.get("dilation", 1),
-                             a.get("count_include_pad", True))
-        if f is torch.mean:
-            return self.mean(n, x, n.args[1] if len(n.args) > 1 else kw.get("dim"),
-                             n.args[2] if len(n.args) > 2 else kw.get("keepdim", False))
-        if f in (torch.reshape,):
-            return self.reshape(n, x, list(self.val(n.args[1])))
-        raise self.fail(n, getattr(f, "__name__", str(f)))
-
-    def transpose(self, n: fx.Node, x: str, d0: int, d1: int) -> str:
-        rank = len(self.shape(n))
-        perm = list(range(rank))
-        d0, d1 = int(d0) % rank, int(d1) % rank
-        perm[d0], perm[d1] = perm[d1], perm[d0]
-        return self.set(self.b.node("Transpose", [x], n.name, perm=perm), n)
-
-    def mean(self, n: fx.Node, x: str, dim: Any, keepdim: bool) -> str:
+    def reduce(self, n: fx.Node, x: str, op: str, dim: Any, keepdim: bool) -> str:
         rank = len(self.shape(n.args[0]))
         axes = list(range(rank)) if dim is None else [int(d) % rank for d in _tuple(dim, 1)]
-        if self.b.opset >= 18:
-            return self.set(self.b.node("ReduceMean", [x, self.b.const(axes, np.int64)], n.name,
-                                        keepdims=int(bool(keepdim))), n)
-        return self.set(self.b.node("ReduceMean", [x], n.name, axes=axes, keepdims=int(bool(keepdim))), n)
-
-    def call_method(self, n: fx.Node) -> Any:
-        meth = n.target
-        b = self.b
-        if meth == "size":
-            shp = (BATCH,) + self.shape(n.args[0])[1:]
-            idx = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-            return shp if idx is None else shp[idx]
-        x = self.tensor(n.args[0])
-        if meth in ("contiguous", "clone", "detach", "float"):
-            return x
-        if meth == "relu":
-            return self.set(b.node("Relu", [x], n.name), n)
-        if meth == "sigmoid":
-            return self.set(b.node("Sigmoid", [x], n.name), n)
-        if meth == "tanh":
-            return self.set(b.node("Tanh", [x], n.name), n)
-        if meth == "flatten":
-            start = n.args[1] if len(n.args) > 1 else n.kwargs.get("start_dim", 0)
-            end = n.args[2] if len(n.args) > 2 else n.kwargs.get("end_dim", -1)
-            return self.flatten(n, x, start, end)
-        if meth in ("view", "reshape"):
-            sizes = [self.val(a) for a in n.args[1:]]
-            if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-                sizes = list(sizes[0])
-            return self.reshape(n, x, sizes)
-        if meth == "mean":
-            return self.mean(n, x, n.args[1] if len(n.args) > 1 else n.kwargs.get("dim"),
-                             n.args[2] if len(n.args) > 2 else n.kwargs.get("keepdim", False))
-        if meth in ("add", "sub", "mul", "div"):
-            op = {"add": "Add", "sub": "Sub", "mul": "Mul", "div": "Div"}[meth]
-            return self.set(b.node(op, [x, self.tensor(n.args[1])], n.name), n)
-        if meth in ("split", "chunk"):
-            dim = n.args[2] if len(n.args) > 2 else n.kwargs.get("dim", 0)
-            return self.split(n, x, dim)
-        if meth == "transpose":
-            return self.transpose(n, x, n.args[1], n.args[2])
-        if meth == "permute":
-            perm = n.args[1:] if len(n.args) > 2 else n.args[1]
-            return self.set(b.node("Transpose", [x], n.name, perm=[int(p) for p in perm]), n)
-        raise self.fail(n, f"method .{meth}()")
+        return self.set(self.reduce_node(op, x, axes, bool(keepdim), self.hint(n)), n)
 
 
 def translate(gm: fx.GraphModule, example_input: torch.Tensor, style: QuantStyle, *,
