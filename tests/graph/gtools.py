@@ -41,14 +41,15 @@ def calibrate(gm, shape, steps: int = 2, seed: int = 3) -> None:
     gm.eval()
 
 
-def build(name: str, bits: int | None = None, sparsity: float = 0.5, weight_range: str = "full"):
+def build(name: str, bits: int | None = None, sparsity: float = 0.5, weight_range: str = "full",
+          groups: bool = False):
     from zoo import ZOO, randomize
 
     builder, shape = ZOO[name]
     model = randomize(builder()).eval()
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(7))
     gm, plan = instrument(model, prune_stat="none", example_input=x, weight_bits=bits, act_bits=bits,
-                          weight_range=weight_range)
+                          weight_range=weight_range, groups=groups)
     set_masks(gm, sparsity)
     if bits is not None:
         calibrate(gm, shape)

@@ -176,6 +176,9 @@ class Walk:
         self.block = site.block
         self.seen: set[tuple[fx.Node, _State]] = set()
         self.joins: set[fx.Node] = set()  # a group's adds / products: every input is one of its tensors
+        #: per-channel modules on the channels' way (a per-channel PReLU, a BatchNorm / InstanceNorm of a
+        #: pre-activation block): they lose the same channels; after a norm the mask is applied again
+        self.channelwise: list[fx.Node] = []
 
     def reject(self, msg: str) -> None:
         raise _Reject(msg)
@@ -206,6 +209,10 @@ class Walk:
             return self.layer(node, st, u, d)
         tensor_args = [a for a in node_args(u)
                        if a is not node and sh.get(a) != "value" and not is_mode_node(a)]
+        m = module_of(gm, u)
+        channelwise = NORM_TYPES + INSTANCE_NORM_TYPES
+        if isinstance(m, nn.PReLU) and m.num_parameters > 1 or isinstance(m, channelwise):
+            return self.per_channel(node, st, u, d, m)
         if is_zero_act(gm, u) or is_pass(gm, u):
             other = tensor_args and (not sh.known or any(sh.is_tensor(a) for a in tensor_args))
             if u.args[0] is not node or other:
@@ -243,6 +250,16 @@ class Walk:
             return []
         self.reject(f"coupled: feeds {d}")
         return []
+
+    def per_channel(self, node: fx.Node, st: _State, u: fx.Node, d: str, m: nn.Module) -> list:
+        """A per-channel PReLU or norm reading exactly these channels: it loses them too."""
+        width = m.num_parameters if isinstance(m, nn.PReLU) else m.num_features
+        if u.args[0] is not node or st != _State(0, 0, self.site.channels, Fraction(1)) \
+                or width != self.site.channels:
+            self.reject(f"coupled: feeds {d} together with other channels")
+        self._check_once([u])
+        self.channelwise.append(u)
+        return [(u, st)]
 
     def reduce(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
         """``x.mean(dims)`` / sum / amax over spatial dims only (global pooling written by hand)."""
@@ -611,8 +628,9 @@ def discover(
         if why:
             skipped[pname] = why
             continue
-        site._nodes = {"inserts": [(n, True)] + [(a, False) for _, a, _ in walk.tied],  # type: ignore[attr-defined]
-                       "walk": walk, "points": 1, "first": layer_node}
+        inserts = [(n, True)] + [(a, False) for _, a, _ in walk.tied] + _remasks(gm, walk)
+        site._nodes = {"inserts": inserts, "walk": walk, "points": 1,  # type: ignore[attr-defined]
+                       "first": layer_node}
         sites.append(site)
     if groups:
         found, why_not = discover_groups(gm, shapes, calls, claimed, exclude)
@@ -626,6 +644,11 @@ def discover(
     return sites, skipped
 
 
+def _remasks(gm: fx.GraphModule, walk: Walk) -> list[tuple[fx.Node, bool]]:
+    """Norms on the way get the mask again after them (a removed channel's shift would be nonzero)."""
+    return [(n, False) for n in walk.channelwise if not isinstance(module_of(gm, n), nn.PReLU)]
+
+
 def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], producers: list[str]) -> str | None:
     """Fill in a site's structure from its walk and claim its modules; the reason it cannot be pruned."""
     channels = site.channels
@@ -633,8 +656,9 @@ def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], produce
     owned += [str(s.target) for _, _, sd in walk.tied for s in sd]
     owned += [str(t.target) for t, _, _ in walk.folds]
     owned += [str(s.target) for _, sd, _ in walk.folds for s in sd]
+    owned += [str(n.target) for n in walk.channelwise]
     if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
-        return "coupled: shares a depthwise conv or gate with another site"
+        return "coupled: shares a depthwise conv, gate or norm with another site"
     if not walk.taps and not walk.tied and not walk.folds:
         return "feeds no conv / linear layer"
     # Structure: blocks and balanced partitions.
@@ -656,6 +680,7 @@ def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], produce
     site.tied = [str(t.target) for t, _, _ in walk.tied] + [str(t.target) for t, _, _ in walk.folds]
     site.tied_norms = [str(s.target) for _, _, sd in walk.tied for s in sd]
     site.tied_norms += [str(s.target) for _, sd, _ in walk.folds for s in sd]
+    site.tied_norms += [str(n.target) for n in walk.channelwise]
     site.folds = [(str(t.target), [str(n.target) for n in sd], [str(c.target) for c in cs])
                   for t, sd, cs in walk.folds]
     site.gates = [str(g.target) for g in walk.gates]
@@ -679,20 +704,26 @@ def _is_join(shapes: _Shapes, n: fx.Node) -> bool:
     return isinstance(sa, tuple) and len(sa) >= 2 and sa == shapes.get(b) == shapes.get(n)
 
 
-def _transparent(gm: fx.GraphModule, shapes: _Shapes, n: fx.Node) -> bool:
-    """A one-input op that keeps every channel where it is and maps 0 to 0 (between members and joins)."""
+def _transparent(gm: fx.GraphModule, shapes: _Shapes, n: fx.Node) -> fx.Node | None:
+    """The input of a one-input op that keeps every channel where it is and maps 0 to 0 (between
+    members and joins), or ``None``."""
+    if calls_op(n, {operator.mul, torch.mul}, {"mul"}) and len(n.args) == 2 and not n.kwargs:
+        a, b = n.args  # x * c or c * x with a nonzero number c
+        x, c = (a, b) if isinstance(a, fx.Node) else (b, a)
+        return x if isinstance(x, fx.Node) and isinstance(c, (int, float)) and c else None
+    if calls_op(n, {operator.truediv, torch.div}, {"div"}):
+        ok = len(n.args) == 2 and isinstance(n.args[0], fx.Node) and isinstance(n.args[1], (int, float))
+        return n.args[0] if ok and n.args[1] else None
     if not n.args or not isinstance(n.args[0], fx.Node):
-        return False
+        return None
     if any(shapes.is_tensor(a) for a in node_args(n)[1:] if not is_mode_node(a)):
-        return False
-    if is_zero_act(gm, n):
-        return True
+        return None
+    if is_zero_act(gm, n) or isinstance(module_of(gm, n), nn.PReLU):
+        return n.args[0]
     if is_pass(gm, n):
         m = module_of(gm, n)
-        return not isinstance(m, nn.Flatten) and n.target not in (torch.flatten, "flatten")
-    if calls_op(n, {operator.mul, operator.truediv, torch.mul, torch.div}, {"mul", "div"}):
-        return len(n.args) == 2 and isinstance(n.args[1], (int, float)) and bool(n.args[1])
-    return False
+        return None if isinstance(m, nn.Flatten) or n.target in (torch.flatten, "flatten") else n.args[0]
+    return None
 
 
 def _member_chain(gm: fx.GraphModule, end: fx.Node, calls: dict[str, int]):
@@ -761,7 +792,6 @@ def discover_groups(
     chains: dict[fx.Node, tuple] = {}  # member end -> (layer node, side, block)
     inner: set[fx.Node] = set()  # transparent nodes between members / joins and joins
     blocked: dict[fx.Node, str] = {}  # component root -> reason (resolved after all unions)
-    extra_side: dict[fx.Node, list[tuple[str, int]]] = {}
     for j in joins:
         find(j)
         for a in j.args:
@@ -777,12 +807,10 @@ def discover_groups(
                 if chain is not None:
                     chains[n] = chain
                     break
-                if _transparent(gm, shapes, n):
-                    m = module_of(gm, n)
-                    if isinstance(m, nn.PReLU) and m.num_parameters > 1:
-                        extra_side.setdefault(j, []).append((str(n.target), 1))
+                src = _transparent(gm, shapes, n)  # (a per-channel PReLU is found again by the walk)
+                if src is not None:
                     inner.add(n)
-                    n = n.args[0]
+                    n = src
                     continue
                 why = f"joined with {describe(gm, n)}"
                 break
@@ -807,7 +835,7 @@ def discover_groups(
             skipped[name] = f"coupled: {why}" if not why.startswith("coupled") else why
             continue
         layers = [str(chains[e][0].target) for e in ends]
-        sides = [x for e in ends for x in chains[e][1]] + [x for j in gjoins for x in extra_side.get(j, [])]
+        sides = [x for e in ends for x in chains[e][1]]
         owned = layers + [x for x, _ in sides]
         hit = next((x for x in layers if any(fnmatch.fnmatchcase(x, p) for p in exclude)), None)
         if hit is not None or any(fnmatch.fnmatchcase(name, p) for p in exclude):
@@ -861,7 +889,7 @@ def discover_groups(
         points = sorted(set(points), key=order.__getitem__)
         index = {p: i for i, p in enumerate(points)}
         inserts = [(e, index.get(e, False)) for e in ends]
-        inserts += [(p, i) for p, i in index.items() if p not in chains]
+        inserts += [(p, i) for p, i in index.items() if p not in chains] + _remasks(gm, walk)
         site._nodes = {"inserts": inserts, "walk": walk, "points": len(points),  # type: ignore[attr-defined]
                        "first": chains[ends[0]][0]}
         sites.append(site)
