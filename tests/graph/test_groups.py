@@ -320,3 +320,46 @@ def test_torchvision_groups(name: str, min_groups: int) -> None:
     off, _ = instrument(getattr(models, name)(weights=None).eval(), prune_stat="none", example_input=x)
     set_masks(off, 0.5)
     assert measure(shrink(gm), x).macs < measure(shrink(off), x).macs
+
+
+# ----------------------------------------------------------------------------------- channels-last
+class TokenMLP(nn.Module):
+    """A transformer-style MLP over [N, T, C] tokens and a channels-last block over [N, H, W, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.drop = nn.Dropout(0.1)
+        self.pw1 = nn.Linear(3, 12)
+        self.pw2 = nn.Linear(12, 6)
+        self.head = nn.Linear(8 + 6, 2)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        h = self.fc2(self.drop(F.gelu(self.fc1(tokens))) * 0.5)  # [N, T, 8]
+        img = tokens[:, :, :3].reshape(tokens.shape[0], 2, 2, 3)  # a channels-last "image" [N, 2, 2, 3]
+        g = self.pw2(torch.relu(self.pw1(img))).mean(dim=(1, 2))
+        return self.head(torch.cat([h.mean(dim=1), g], dim=1))
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_channels_last_linear_sites(bits: int | None) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 8)
+    gm, plan = _equivalent(randomize(TokenMLP()), x, bits=bits)
+    sites = {s.name: s for s in plan.sites}
+    assert sites["fc1"].dim == -1 and sites["pw1"].dim == -1
+    assert sites["fc1"].consumers == ["fc2"] and sites["pw1"].consumers == ["pw2"]
+    assert gm.get_submodule(sites["fc1"].mask).dim == -1
+
+
+def test_convnext_mlp_is_pruned() -> None:
+    """torchvision ConvNeXt: the MLP of every block (linear over channels-last tensors) is a site."""
+    from tvshim import import_torchvision
+
+    torch.manual_seed(0)
+    model = import_torchvision().models.convnext_tiny(weights=None).eval()
+    x = torch.randn(1, 3, 32, 32)
+    gm, plan = _equivalent(model, x)
+    assert len(plan.sites) == 18 and all(s.dim == -1 for s in plan.sites)
+    assert measure(shrink(gm), x).macs < 0.6 * measure(model, x).macs

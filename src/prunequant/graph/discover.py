@@ -201,6 +201,8 @@ class Walk:
         d = describe(gm, u)
         if u.op == "output":
             self.reject("coupled: is (part of) the model output")
+        if self.site.dim == -1:
+            return self.channels_last(node, st, u, d)
         if u in self.joins:
             if st != _State(0, 0, self.site.channels, Fraction(1)):
                 self.reject(f"coupled: reaches {d} together with other channels")
@@ -249,6 +251,36 @@ class Walk:
         if self.harmless(node, u):
             return []
         self.reject(f"coupled: feeds {d}")
+        return []
+
+    def channels_last(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        """Channels on the last dim (``[N, ..., C]`` read by linear layers): followed through zero-preserving
+        elementwise activations, dropout, identity and products with numbers, into linear layers."""
+        gm = self.gm
+        why = f"coupled: feeds {d} (channels on the last dim are followed only through activations, " \
+              "dropout and products with numbers into linear layers)"
+        m = module_of(gm, u)
+        if is_layer(gm, u):
+            if not isinstance(m, nn.Linear) or u.args[0] is not node or node in node_args(u)[1:]:
+                self.reject(why)
+            if self.calls.get(str(u.target), 0) > 1:
+                self.reject(f"coupled: reaches {d}, which is called more than once")
+            if m.in_features != self.site.channels:
+                self.reject(why)
+            self.taps.setdefault(str(u.target), []).append((u, Tap(self.site.name, 0, 0, self.site.channels)))
+            return []
+        others = [a for a in node_args(u) if a is not node and not is_mode_node(a)
+                  and self.shapes.get(a) != "value"]
+        elementwise = is_zero_act(gm, u) or isinstance(m, (nn.Dropout, nn.Identity)) or u.target is F.dropout
+        if elementwise and u.args[0] is node and not others:
+            return [(u, st)]
+        number = any(isinstance(a, (int, float)) and a for a in u.args)
+        if calls_op(u, {operator.mul, torch.mul, operator.truediv, torch.div}, {"mul", "div"}) \
+                and len(u.args) == 2 and not others and number:
+            return [(u, st)]
+        if self.harmless(node, u):
+            return []
+        self.reject(why)
         return []
 
     def per_channel(self, node: fx.Node, st: _State, u: fx.Node, d: str, m: nn.Module) -> list:
@@ -575,14 +607,20 @@ def discover(
     skipped: dict[str, str] = {}
     claimed: set[str] = set()  # modules whose output channels belong to a site
     for n in gm.graph.nodes:
+        lone = False  # an output without activation (a linear bottleneck): a site only with groups on
         if not is_act(gm, n):
-            continue
-        try:
-            chain = _producer_chain(gm, n, calls)
-        except _Reject as e:
-            name = str(n.target) if n.op == "call_module" else n.name
-            skipped[name] = str(e)
-            continue
+            chain = _lone_end(gm, n, calls) if groups else None
+            if chain is None:
+                continue
+            lone = True
+            chain = (chain[0], chain[1], 1, chain[2])
+        else:
+            try:
+                chain = _producer_chain(gm, n, calls)
+            except _Reject as e:
+                name = str(n.target) if n.op == "call_module" else n.name
+                skipped[name] = str(e)
+                continue
         if chain is None:
             continue  # e.g. relu after a residual add: not a producer chain
         layer_node, side, repeat, block = chain
@@ -591,42 +629,46 @@ def discover(
         if pname in claimed:
             continue  # tied depthwise conv or gate of an earlier site
         if any(fnmatch.fnmatchcase(pname, pat) for pat in exclude):
-            skipped[pname] = "excluded by pattern"
+            _skip(skipped, lone, pname, "excluded by pattern")
             continue
         if is_depthwise(layer):
-            skipped[pname] = "depthwise conv whose input channels are not prunable"
+            _skip(skipped, lone, pname, "depthwise conv whose input channels are not prunable")
             continue
         out = out_channels(layer)
         if out % repeat:
-            skipped[pname] = "PixelShuffle does not divide the channels"
+            _skip(skipped, lone, pname, "PixelShuffle does not divide the channels")
             continue
         channels = out // repeat
         ashape = shapes.get(n)
+        dim = 1
         if isinstance(layer, nn.Linear):
             if channels < 2:
                 continue
-            if isinstance(ashape, tuple) and len(ashape) != 2:
-                skipped[pname] = f"linear output has {len(ashape)} dims; its features are not on dim 1"
-                continue
+            if isinstance(ashape, tuple) and len(ashape) > 2:
+                dim = -1  # features on the last dim: [N, ..., C] (tokens, channels-last images)
+                if side:
+                    _skip(skipped, lone, pname, f"a per-channel module on dim 1 ({side[0][0]}) follows the "
+                          "channels-last linear layer")
+                    continue
         norm = next((s for s, _ in side if isinstance(gm.get_submodule(s), NORM_TYPES)), None)
         site = Site(name=pname, producer=pname, norm=norm, channels=int(channels), side=side,
-                    repeat=repeat, block=block)
+                    repeat=repeat, block=block, dim=dim)
         bounds: set[int] = set()
         if isinstance(layer, CONV_TYPES) and layer.groups > 1:
             per = out // layer.groups
             if per % repeat:
-                skipped[pname] = "grouped conv groups do not align with PixelShuffle blocks"
+                _skip(skipped, lone, pname, "grouped conv groups do not align with PixelShuffle blocks")
                 continue
             bounds.update(range(0, channels + 1, per // repeat))
         walk = Walk(gm, shapes, calls, site)
         try:
             walk.run(n)
         except _Reject as e:
-            skipped[pname] = str(e)
+            _skip(skipped, lone, pname, str(e))
             continue
         why = _finish(site, walk, bounds, claimed, [pname])
         if why:
-            skipped[pname] = why
+            _skip(skipped, lone, pname, why)
             continue
         inserts = [(n, True)] + [(a, False) for _, a, _ in walk.tied] + _remasks(gm, walk)
         site._nodes = {"inserts": inserts, "walk": walk, "points": 1,  # type: ignore[attr-defined]
@@ -642,6 +684,25 @@ def discover(
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         sites.sort(key=lambda s: order[s._nodes["first"]])  # type: ignore[attr-defined]
     return sites, skipped
+
+
+def _skip(skipped: dict[str, str], lone: bool, name: str, why: str) -> None:
+    """Record why a site is not pruned (not for outputs without activation: a classifier is no site)."""
+    if not lone:
+        skipped[name] = why
+
+
+def _lone_end(gm: fx.GraphModule, n: fx.Node, calls: dict[str, int]):
+    """``(layer_node, side, block)`` when ``n`` ends ``norm*(layer(x))`` and no activation follows."""
+    if not (is_layer(gm, n) or isinstance(module_of(gm, n), SIDE_NORM_TYPES)):
+        return None
+    users = list(n.users)
+    if len(users) == 1 and (is_act(gm, users[0]) or isinstance(module_of(gm, users[0]), SIDE_NORM_TYPES)):
+        return None  # the chain goes on
+    try:
+        return _member_chain(gm, n, calls)
+    except _Reject:
+        return None
 
 
 def _remasks(gm: fx.GraphModule, walk: Walk) -> list[tuple[fx.Node, bool]]:

@@ -116,7 +116,7 @@ def instrument(
         site.mask = f"{MASKS_ATTR}.{_safe(site.name)}"
         gm.add_submodule(site.mask, ChannelMask(site.channels, stat=prune_stat or "none",
                                                 points=site._nodes["points"],  # type: ignore[attr-defined]
-                                                aggregate=group_stat))
+                                                aggregate=group_stat, dim=site.dim))
         for act, collect in site._nodes["inserts"]:  # type: ignore[attr-defined]
             with graph.inserting_after(act):
                 # Tied (depthwise) points and a group's member outputs reuse the module without

@@ -62,6 +62,7 @@ class Site:
     #: a group (``kind == "group"``): the other producers whose outputs lose the same channels
     members: list[str] = field(default_factory=list)
     kind: str = "site"  # "site" (one producer's activation) or "group" (tensors joined by adds / products)
+    dim: int = 1  # the channel dim of the masked tensor: 1, or -1 (a linear layer's channels-last output)
     kept: list[int] | None = None  # after shrink(): original indices of the channels that remain
     original_channels: int | None = None  # after shrink(): channel count before removal
 

@@ -337,7 +337,7 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             if s.part == k:
                 s.part = 0
         old = mods[s.name]
-        rec = ChannelMask(k, stat=old.stat, points=old.points, aggregate=old.aggregate)
+        rec = ChannelMask(k, stat=old.stat, points=old.points, aggregate=old.aggregate, dim=old.dim)
         rec.stat_sum.copy_(old.stat_sum.detach().cpu()[..., m])
         rec.stat_count.copy_(old.stat_count)
         rec.frozen.fill_(True)

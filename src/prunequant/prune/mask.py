@@ -27,10 +27,11 @@ ACTIVATION_STATS = ("a_l1", "a_l0")
 GROUP_AGGREGATES = ("mean", "max")
 
 
-def batch_channel_stat(x: Tensor, kind: str) -> Tensor:
-    """Per-channel statistic of one batch, channels on dim 1: mean |a| (A-L1) or fraction != 0 (A-L0)."""
+def batch_channel_stat(x: Tensor, kind: str, dim: int = 1) -> Tensor:
+    """Per-channel statistic of one batch, channels on ``dim``: mean |a| (A-L1) or fraction != 0 (A-L0)."""
     x = x.detach()
-    dims = [d for d in range(x.dim()) if d != 1]
+    dim = dim % x.dim()
+    dims = [d for d in range(x.dim()) if d != dim]
     if kind == "a_l1":
         return x.abs().mean(dim=dims)
     if kind == "a_l0":
@@ -115,10 +116,13 @@ class ChannelMask(nn.Module):
     """Multiply channel ``c`` (dim 1) by ``mask[c]``; optionally gather activation statistics.
 
     ``points`` > 1: the mask of a channel group, applied at several tensors, with one row of
-    statistics per point, combined by ``aggregate`` (see module docs).
+    statistics per point, combined by ``aggregate`` (see module docs). ``dim``: the channel dimension,
+    1 (``[N, C, ...]``) or -1 (channels-last tensors, e.g. ``[N, H, W, C]`` or ``[N, T, C]`` read by
+    linear layers).
     """
 
-    def __init__(self, channels: int, stat: str = "a_l1", points: int = 1, aggregate: str = "mean"):
+    def __init__(self, channels: int, stat: str = "a_l1", points: int = 1, aggregate: str = "mean",
+                 dim: int = 1):
         super().__init__()
         if stat not in ACTIVATION_STATS + ("none",):
             raise ValueError(f"unknown statistic {stat!r}")
@@ -128,6 +132,9 @@ class ChannelMask(nn.Module):
         self.stat = stat
         self.points = int(points)
         self.aggregate = aggregate
+        if dim not in (1, -1):
+            raise ValueError(f"dim must be 1 or -1, got {dim!r}")
+        self.dim = dim
         rows = () if self.points == 1 else (self.points,)
         self.register_buffer("mask", torch.ones(channels))
         self.register_buffer("stat_sum", torch.zeros(*rows, channels, dtype=torch.float64))
@@ -158,7 +165,7 @@ class ChannelMask(nn.Module):
         """
         if collect is not False and self.training and bool(self.collecting) and self.stat != "none":
             with torch.no_grad():
-                s = batch_channel_stat(x, self.stat).to(torch.float64)
+                s = batch_channel_stat(x, self.stat, self.dim).to(torch.float64)
                 if self.points == 1:
                     self.stat_sum += s
                     self.stat_count += 1
@@ -167,9 +174,10 @@ class ChannelMask(nn.Module):
                     self.stat_sum[i] += s
                     self.stat_count[i] += 1
         shape = [1] * x.dim()
-        shape[1] = -1
+        shape[self.dim] = -1
         return x * self.mask.to(x.dtype).reshape(shape)
 
     def extra_repr(self) -> str:
         extra = f", points={self.points}, aggregate={self.aggregate}" if self.points > 1 else ""
+        extra += ", dim=-1" if self.dim == -1 else ""
         return f"channels={self.channels}, stat={self.stat}{extra}"
