@@ -328,7 +328,7 @@ class Translator:
         if bool(np.all(mask == 1.0)):
             return x
         shp = [1] * len(self.shape(n))
-        shp[1] = -1
+        shp[getattr(m, "dim", 1)] = -1
         return self.op("Mul", n, [x, self.b.init(f"{n.target}.mask", mask.reshape(shp))])
 
     def conv(self, n: fx.Node, x: str, m: nn.Module) -> str:
