@@ -370,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--force", action="store_true", help="recompute cached cells")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--note", action="append", default=[], help="a line added to the report's notes")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -378,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     x = torch.randn(1, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
     report_models: dict[str, dict] = {}
+    digest = source_digest()  # once, at start: the sources this process imported (edits later do not count)
     cells = [(m, k) for m in a.models for k in a.methods]
     bar = tqdm(cells, desc="groups_vs_tp", unit="cell", file=sys.stderr)
     for name, meth in bar:
         key = f"{name}-{meth}-s{a.size}-r{a.ratio:g}"
         if meth.startswith("pq"):  # a changed prunequant source does not reuse its old cells
-            key += f"-{a.scores}-pq{source_digest()}"
+            key += f"-{a.scores}-pq{digest}"
         path = cache / f"{key}.json"
 
         def phase(what: str, name=name, meth=meth) -> None:
@@ -413,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
              "prunequant: instrument(prune_stat='a_l1', example_input=x[, groups=...]), masks from "
              "mask_from_scores(scores, ratio, block=site.block, parts=site.parts), then shrink(); "
              f"'masked == shrunk' is torch.allclose(atol={ATOL}) of the two outputs."]
+    notes += a.note
     if "pq_groups" in a.methods and not has_groups():
         notes.append("prunequant groups on: not measured, this prunequant's instrument() has no "
                      "groups= keyword yet.")
