@@ -162,7 +162,7 @@ case("reshape", lambda: lambda x: torch.reshape(x, (-1, C * 64)))
 case("reshape", lambda: lambda x: x.reshape(-1, C, 64), site=False)  # not a flatten from dim 1
 case("reshape", lambda: lambda x: x.view(-1, C * 64))
 case("cat", lambda: lambda x: torch.cat([x, x * 0.5], 1))
-case("cat", lambda: lambda x: torch.concat((x, x), dim=1), site=False)  # the walker follows torch.cat only
+case("cat", lambda: lambda x: torch.concat((x, x), dim=1))
 case("split", lambda: lambda x: torch.split(x, 4, 1)[1])
 case("split", lambda: lambda x: torch.chunk(x, 2, 1)[0])
 case("split", lambda: lambda x: x.split(4, dim=1)[0])

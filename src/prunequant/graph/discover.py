@@ -46,12 +46,10 @@ from .ops import (
     INSTANCE_NORM_TYPES,
     NORM_TYPES,
     SIDE_NORM_TYPES,
-    SPLIT_FUNCTIONS,
-    SPLIT_METHODS,
-    VIEW_METHODS,
     arg,
     calls_op,
     describe,
+    flow_of,
     in_width,
     is_act,
     is_depthwise,
@@ -207,49 +205,43 @@ class Walk:
             if st != _State(0, 0, self.site.channels, Fraction(1)):
                 self.reject(f"coupled: reaches {d} together with other channels")
             return []  # a start of the walk itself
-        if is_layer(gm, u):
+        flow = flow_of(gm, u)  # the op registry (graph.ops) says how channels flow through u
+        if flow == "layer":
             return self.layer(node, st, u, d)
-        tensor_args = [a for a in node_args(u)
-                       if a is not node and sh.get(a) != "value" and not is_mode_node(a)]
         m = module_of(gm, u)
-        channelwise = NORM_TYPES + INSTANCE_NORM_TYPES
-        if isinstance(m, nn.PReLU) and m.num_parameters > 1 or isinstance(m, channelwise):
+        if flow == "norm" and isinstance(m, NORM_TYPES + INSTANCE_NORM_TYPES) or \
+                isinstance(m, nn.PReLU) and m.num_parameters > 1:
             return self.per_channel(node, st, u, d, m)
-        if is_zero_act(gm, u) or is_pass(gm, u):
+        if flow in ("pass", "flatten") or flow == "act" and is_zero_act(gm, u):
+            tensor_args = [a for a in node_args(u)
+                           if a is not node and sh.get(a) != "value" and not is_mode_node(a)]
             other = tensor_args and (not sh.known or any(sh.is_tensor(a) for a in tensor_args))
             if u.args[0] is not node or other:
                 self.reject(f"coupled: feeds {d} through an argument other than its input")
-            m = module_of(gm, u)
-            flat = isinstance(m, nn.Flatten) or u.target in (torch.flatten, "flatten")
-            if flat:
+            if flow == "flatten":
                 return [(u, self.flatten(node, st, u, d))]
             return [(u, st)]
-        if calls_op(u, {torch.reshape}, VIEW_METHODS):
+        if flow == "view":
             if u.args[0] is not node:
                 self.reject(f"coupled: feeds {d} through an argument other than its input")
             st2 = self.flatten(node, st, u, d, view=True)
             self.rewrites.setdefault(u, Rewrite("flatten"))
             return [(u, st2)]
-        if u.op == "call_function" and u.target is torch.cat:
-            return self.cat(node, st, u, d)
-        if calls_op(u, SPLIT_FUNCTIONS, SPLIT_METHODS):
-            return self.split(node, st, u, d)
-        if u.op == "call_function" and u.target is operator.getitem:
-            return self.slice(node, st, u, d)
-        if calls_op(u, {operator.mul, torch.mul}, {"mul"}):
-            return self.mul(node, st, u, d)
-        if calls_op(u, {operator.truediv, torch.div}, {"div"}):
-            if u.args[0] is node and len(u.args) == 2 and isinstance(u.args[1], (int, float)) and u.args[1]:
-                return [(u, st)]
-            self.reject(f"coupled: feeds {d}")
-        if isinstance(module_of(gm, u), nn.PixelShuffle) or u.target is F.pixel_shuffle:
-            return self.shuffle(node, st, u, d, up=True)
-        if isinstance(module_of(gm, u), nn.PixelUnshuffle) or u.target is F.pixel_unshuffle:
-            return self.shuffle(node, st, u, d, up=False)
-        if calls_op(u, {torch.mean, torch.sum, torch.amax}, {"mean", "sum", "amax"}):
-            return self.reduce(node, st, u, d)
-        if self.harmless(node, u):
+        handlers = {"cat": self.cat, "split": self.split, "slice": self.slice, "mul": self.mul,
+                    "div": self.div, "reduce": self.reduce}
+        if flow in handlers:
+            return handlers[flow](node, st, u, d)
+        if flow in ("shuffle", "unshuffle"):
+            return self.shuffle(node, st, u, d, up=flow == "shuffle")
+        if flow == "shape" and self.harmless(node, u):
             return []
+        self.reject(f"coupled: feeds {d}")
+        return []
+
+    def div(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
+        """``x / c`` with a nonzero number ``c``."""
+        if u.args[0] is node and len(u.args) == 2 and isinstance(u.args[1], (int, float)) and u.args[1]:
+            return [(u, st)]
         self.reject(f"coupled: feeds {d}")
         return []
 
