@@ -20,8 +20,9 @@ def load_script():
     return mod
 
 
-def test_groups_vs_tp_resnet18(tmp_path: Path) -> None:
+def test_groups_vs_tp_resnet18(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     bench = load_script()
+    monkeypatch.setattr(bench, "source_digest", lambda: "test")  # edits to src/ meanwhile do not count
     args = ["--models", "resnet18", "--size", "64", "--out", str(tmp_path)]
     assert bench.main(args) == 0
     report = json.loads((tmp_path / "groups_vs_tp.json").read_text())
@@ -48,6 +49,11 @@ def test_groups_vs_tp_resnet18(tmp_path: Path) -> None:
     # Finished cells are cached and reused.
     cached = sorted(p.name for p in (tmp_path / "groups_vs_tp_cache").glob("*.json"))
     assert len(cached) == (4 if bench.has_groups() else 3)
+
+    def fail(*a, **k):
+        raise AssertionError("a cached cell was computed again")
+
+    monkeypatch.setattr(bench, "RUNNERS", dict.fromkeys(bench.RUNNERS, fail))
     assert bench.main(args) == 0
     again = json.loads((tmp_path / "groups_vs_tp.json").read_text())["models"]["resnet18"]
     assert again["pq"] == pq and again["tp"] == tp
