@@ -363,3 +363,31 @@ def test_convnext_mlp_is_pruned() -> None:
     gm, plan = _equivalent(model, x)
     assert len(plan.sites) == 18 and all(s.dim == -1 for s in plan.sites)
     assert measure(shrink(gm), x).macs < 0.6 * measure(model, x).macs
+
+
+# ---------------------------------------------------------------------------------------- random DAGs
+@pytest.mark.parametrize("seed", range(40))
+def test_random_graphs_with_groups(seed: int) -> None:
+    """The random DAGs of test_random_graphs (adds, concatenations, chunks, gates, grouped convs) with
+    groups on: still at least the sites of groups off, and masked == smaller whatever was found."""
+    from test_random_graphs import RandomNet
+
+    torch.manual_seed(seed)
+    net = randomize(RandomNet(seed), seed).eval()
+    x = torch.randn(2, 3, 8, 8)
+    bits = 4 if seed % 3 == 0 else None
+    _, off = instrument(net, prune_stat="none", example_input=x)
+    gm, plan = _equivalent(net, x, bits=bits, seed=seed)
+    assert {s.name for s in off.sites} <= {s.name for s in plan.sites}
+
+
+def test_random_graphs_have_groups() -> None:
+    """Groups are found in the random graphs that have adds between producer outputs."""
+    from test_random_graphs import RandomNet
+
+    found = 0
+    for seed in range(40):
+        net = RandomNet(seed).eval()
+        _, plan = instrument(net, prune_stat="none", example_input=torch.randn(2, 3, 8, 8), groups=True)
+        found += bool(_groups(plan))
+    assert found >= 3  # seeds 4 and 30 join a squeeze-excitation product, seed 10 a plain add

@@ -761,7 +761,15 @@ def _transparent(gm: fx.GraphModule, shapes: _Shapes, n: fx.Node) -> fx.Node | N
     """The input of a one-input op that keeps every channel where it is and maps 0 to 0 (between
     members and joins), or ``None``."""
     if calls_op(n, {operator.mul, torch.mul}, {"mul"}) and len(n.args) == 2 and not n.kwargs:
-        a, b = n.args  # x * c or c * x with a nonzero number c
+        a, b = n.args  # x * c or c * x with a nonzero number c, or x * g with a per-channel gate g
+        if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+            so = shapes.get(n)
+            for x, g in ((a, b), (b, a)):
+                sg = shapes.get(g)
+                if isinstance(sg, tuple) and shapes.get(x) == so and len(sg) == len(so) > 2 \
+                        and sg[:2] == so[:2] and all(k == 1 for k in sg[2:]):
+                    return x  # the walk checks the gate (its last layer then loses the same channels)
+            return None
         x, c = (a, b) if isinstance(a, fx.Node) else (b, a)
         return x if isinstance(x, fx.Node) and isinstance(c, (int, float)) and c else None
     if calls_op(n, {operator.truediv, torch.div}, {"div"}):
