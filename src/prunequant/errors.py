@@ -2,7 +2,8 @@
 
 Each subclass keeps the builtin base it had before (``ValueError`` / ``RuntimeError``), so existing
 ``except ValueError`` code still catches it. The CLI prints any :class:`PrunequantError` as one message
-(exit code 2, no traceback), prefixed with the kind the class names, never relabelled.
+(``error: ...``, exit code 2, no traceback), as raised: an export error is not relabelled as a recipe
+error. ``kind`` names the class's kind in words, for callers that want to show it.
 """
 
 from __future__ import annotations

@@ -353,41 +353,57 @@ def test_channels_last_linear_sites(bits: int | None) -> None:
     assert gm.get_submodule(sites["fc1"].mask).dim == -1
 
 
-def test_convnext_mlp_is_pruned() -> None:
-    """torchvision ConvNeXt: the MLP of every block (linear over channels-last tensors) is a site."""
+def test_convnext_mlp_and_stream_groups() -> None:
+    """torchvision ConvNeXt: the MLP of every block (linear layers over channels-last tensors) is a site;
+    with groups on, each stage's stream is a group across layouts: the stem / downsampling conv and the
+    blocks' last linear layers lose the same channels, so do the depthwise convs, every LayerNorm over
+    them (computed on the kept channels) and the layer scales."""
     from tvshim import import_torchvision
 
+    models = import_torchvision().models
     torch.manual_seed(0)
-    model = import_torchvision().models.convnext_tiny(weights=None).eval()
     x = torch.randn(1, 3, 32, 32)
+    _, off = instrument(models.convnext_tiny(weights=None).eval(), prune_stat="none", example_input=x)
+    assert len(off.sites) == 18 and all(s.dim == -1 for s in off.sites)
+    model = models.convnext_tiny(weights=None).eval()
     gm, plan = _equivalent(model, x)
-    assert len(plan.sites) == 18 and all(s.dim == -1 for s in plan.sites)
-    assert measure(shrink(gm), x).macs < 0.6 * measure(model, x).macs
+    g = _groups(plan)
+    assert list(g) == ["group:features.0.0", "group:features.2.1", "group:features.4.1", "group:features.6.1"]
+    s = g["group:features.0.0"]
+    assert s.members == ["features.1.0.block.5", "features.1.1.block.5", "features.1.2.block.5"]
+    assert sorted(s.tied) == ["features.1.0.block.0", "features.1.1.block.0", "features.1.2.block.0"]
+    assert {"features.0.1", "features.2.0", "features.1.0.block.2"} <= set(s.layer_norms)
+    assert sorted(s.params) == [f"features.1.{i}.layer_scale" for i in range(3)]
+    small = shrink(gm)
+    assert small.get_parameter("features.0.1.weight").shape == (48,)  # LayerNorm2d, traced through
+    assert small.get_submodule("features.1.0.block.2").normalized_shape == (48,)  # nn.LayerNorm
+    assert small.get_parameter("features.1.0.layer_scale").shape == (48, 1, 1)
+    assert measure(small, x).macs < 0.3 * measure(model, x).macs
 
 
-# ---------------------------------------------------------------------------------------- random DAGs
-@pytest.mark.parametrize("seed", range(40))
-def test_random_graphs_with_groups(seed: int) -> None:
-    """The random DAGs of test_random_graphs (adds, concatenations, chunks, gates, grouped convs) with
-    groups on: still at least the sites of groups off, and masked == smaller whatever was found."""
-    from test_random_graphs import RandomNet
+def test_masked_layer_norm_is_layer_norm_of_the_kept_channels() -> None:
+    from prunequant.prune.mask import masked_layer_norm
 
-    torch.manual_seed(seed)
-    net = randomize(RandomNet(seed), seed).eval()
-    x = torch.randn(2, 3, 8, 8)
-    bits = 4 if seed % 3 == 0 else None
-    _, off = instrument(net, prune_stat="none", example_input=x)
-    gm, plan = _equivalent(net, x, bits=bits, seed=seed)
-    assert {s.name for s in off.sites} <= {s.name for s in plan.sites}
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 3, 6, generator=g), torch.randn(6, generator=g), torch.randn(6, generator=g)
+    mask = torch.tensor([1.0, 0, 1, 1, 0, 1])
+    keep = mask.bool()
+    y = masked_layer_norm(x, (6,), w, b, 1e-5, mask)
+    assert torch.allclose(y[..., keep], F.layer_norm(x[..., keep], (4,), w[keep], b[keep], 1e-5), atol=1e-6)
+    assert torch.equal(y[..., ~keep], torch.zeros(2, 3, 2))
 
 
-def test_random_graphs_have_groups() -> None:
-    """Groups are found in the random graphs that have adds between producer outputs."""
-    from test_random_graphs import RandomNet
+@pytest.mark.parametrize("bits", [None, 4])
+def test_small_convnext_groups(bits: int | None) -> None:
+    """A two-stage ConvNeXt built from torchvision's blocks (stochastic depth on): exact in FP32 and W4A4."""
+    from tvshim import import_torchvision
 
-    found = 0
-    for seed in range(40):
-        net = RandomNet(seed).eval()
-        _, plan = instrument(net, prune_stat="none", example_input=torch.randn(2, 3, 8, 8), groups=True)
-        found += bool(_groups(plan))
-    assert found >= 3  # seeds 4 and 30 join a squeeze-excitation product, seed 10 a plain add
+    import_torchvision()
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    stages = [CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)]
+    model = randomize(ConvNeXt(stages, stochastic_depth_prob=0.2, num_classes=3))
+    x = torch.randn(2, 3, 16, 16)
+    gm, plan = _equivalent(model, x, bits=bits)
+    assert len(_groups(plan)) == 2 and len(plan.sites) == 5

@@ -112,6 +112,67 @@ class _State:
     lo: int
     hi: int
     f: Fraction | None  # positions per site channel; None: unknown (no example input)
+    last: bool = False  # channels on the last dim ([N, ..., C]) instead of dim 1
+
+
+def _permute_dims(n: fx.Node) -> tuple[int, ...] | None:
+    """The dims of a ``permute`` node (``x.permute(0, 2, 3, 1)`` / ``torch.permute(x, [0, 2, 3, 1])``)."""
+    if not calls_op(n, {torch.permute}, {"permute"}):
+        return None
+    rest = list(n.args[1:]) or [n.kwargs.get("dims")]
+    dims = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+    return tuple(dims) if all(isinstance(k, int) for k in dims) else None
+
+
+def _layout_permute(n: fx.Node, rank: int) -> str | None:
+    """``"to_last"`` for ``(0, 2, ..., r-1, 1)``, ``"to_first"`` for ``(0, r-1, 1, ..., r-2)``."""
+    dims = _permute_dims(n)
+    if dims is None or len(dims) != rank or rank < 3:
+        return None
+    dims = tuple(k % rank for k in dims)
+    if dims == (0, *range(2, rank), 1):
+        return "to_last"
+    if dims == (0, rank - 1, *range(1, rank - 1)):
+        return "to_first"
+    return None
+
+
+def _channel_layer_norm(gm: fx.GraphModule, n: fx.Node, channels: int) -> bool:
+    """A LayerNorm over the last dim only, of ``channels`` features (``nn.LayerNorm`` or ``F.layer_norm``)."""
+    m = module_of(gm, n)
+    if isinstance(m, nn.LayerNorm) and type(m) is nn.LayerNorm:
+        shape = tuple(m.normalized_shape)
+    elif n.op == "call_function" and n.target is F.layer_norm:
+        shape = arg(n, 1, "normalized_shape")
+        shape = tuple(shape) if isinstance(shape, (list, tuple)) else (shape,)
+    else:
+        return False
+    return shape == (channels,)
+
+
+def _param_of(gm: fx.GraphModule, n: Any) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads (a parameter or buffer), else ``None``."""
+    if not isinstance(n, fx.Node) or n.op != "get_attr":
+        return None
+    try:
+        t = gm.get_parameter(str(n.target))
+    except AttributeError:
+        try:
+            t = gm.get_buffer(str(n.target))
+        except AttributeError:
+            return None
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def _channel_param(t: torch.Tensor | None, channels: int, rank: int, last: bool) -> bool:
+    """A per-channel scale ("layer scale"): ``[C]`` channels-last, else ``[C, 1, ..]`` / ``[1, C, 1, ..]``."""
+    if t is None:
+        return False
+    shape = tuple(t.shape)
+    if last:
+        return shape == (channels,)
+    ones = (1,) * (rank - 2)
+    return shape in ((channels, *ones), (1, channels, *ones))
 
 
 # ---------------------------------------------------------------------------------------- discovery
@@ -177,14 +238,18 @@ class Walk:
         #: per-channel modules on the channels' way (a per-channel PReLU, a BatchNorm / InstanceNorm of a
         #: pre-activation block): they lose the same channels; after a norm the mask is applied again
         self.channelwise: list[fx.Node] = []
+        self.layer_norms: list[fx.Node] = []  # LayerNorms over these channels: computed on the kept ones
+        self.params: list[str] = []  # per-channel scales ("layer scale") read by get_attr
+        self.tied_ln: list[fx.Node] = []  # depthwise convs whose output goes to such a LayerNorm
 
     def reject(self, msg: str) -> None:
         raise _Reject(msg)
 
-    def run(self, *starts: fx.Node) -> None:
+    def run(self, *starts: fx.Node, last: dict[fx.Node, bool] | None = None) -> None:
+        """Walk from ``starts`` (all channels; on the last dim where ``last`` says so)."""
         c = self.site.channels
-        full = _State(0, 0, c, Fraction(1))
-        stack = [(a, full) for a in starts]
+        lay = last or {}
+        stack = [(a, _State(0, 0, c, Fraction(1), lay.get(a, self.site.dim == -1))) for a in starts]
         while stack:
             node, st = stack.pop()
             if (node, st) in self.seen:
@@ -199,12 +264,12 @@ class Walk:
         d = describe(gm, u)
         if u.op == "output":
             self.reject("coupled: is (part of) the model output")
-        if self.site.dim == -1:
-            return self.channels_last(node, st, u, d)
         if u in self.joins:
-            if st != _State(0, 0, self.site.channels, Fraction(1)):
+            if not self.full(st):
                 self.reject(f"coupled: reaches {d} together with other channels")
             return []  # a start of the walk itself
+        if st.last:
+            return self.channels_last(node, st, u, d)
         flow = flow_of(gm, u)  # the op registry (graph.ops) says how channels flow through u
         if flow == "layer":
             return self.layer(node, st, u, d)
@@ -235,8 +300,16 @@ class Walk:
             return self.shuffle(node, st, u, d, up=flow == "shuffle")
         if flow == "shape" and self.harmless(node, u):
             return []
+        shape = self.shapes.get(node)
+        if flow == "permute" and isinstance(shape, tuple) and self.full(st) and u.args[0] is node \
+                and _layout_permute(u, len(shape)) == "to_last":
+            return [(u, _State(0, 0, st.hi, st.f, last=True))]
         self.reject(f"coupled: feeds {d}")
         return []
+
+    def full(self, st: _State) -> bool:
+        """All of the site's channels, in order, one position each (either layout)."""
+        return (st.offset, st.lo, st.hi, st.f) == (0, 0, self.site.channels, 1)
 
     def div(self, node: fx.Node, st: _State, u: fx.Node, d: str) -> list:
         """``x / c`` with a nonzero number ``c``."""
@@ -266,6 +339,19 @@ class Walk:
         elementwise = is_zero_act(gm, u) or isinstance(m, (nn.Dropout, nn.Identity)) or u.target is F.dropout
         if elementwise and u.args[0] is node and not others:
             return [(u, st)]
+        shape = self.shapes.get(node)
+        first = bool(u.args) and u.args[0] is node and node not in node_args(u)[1:]
+        if first and isinstance(shape, tuple) and _layout_permute(u, len(shape)) == "to_first":
+            return [(u, _State(0, 0, st.hi, st.f, last=False))]
+        if first and self.full(st) and _channel_layer_norm(gm, u, self.site.channels):
+            self._check_once([u])
+            self.layer_norms.append(u)
+            return [(u, st)]
+        if calls_op(u, {operator.mul, torch.mul}, {"mul"}) and len(u.args) == 2 and not u.kwargs:
+            other = u.args[1] if u.args[0] is node else u.args[0]
+            if _channel_param(_param_of(gm, other), self.site.channels, 0, last=True):
+                self.params.append(str(other.target))
+                return [(u, st)]
         number = any(isinstance(a, (int, float)) and a for a in u.args)
         if calls_op(u, {operator.mul, torch.mul, operator.truediv, torch.div}, {"mul", "div"}) \
                 and len(u.args) == 2 and not others and number:
@@ -352,6 +438,17 @@ class Walk:
         gm = self.gm
         if st != _State(0, 0, self.site.channels, Fraction(1)) or m.in_channels != self.site.channels:
             self.reject(f"coupled: reaches depthwise {d} together with other channels")
+        users = list(u.users)
+        if len(users) == 1 and len(users[0].users) == 1 and isinstance(self.shapes.get(u), tuple) \
+                and _layout_permute(users[0], len(self.shapes.get(u))) == "to_last":
+            ln = next(iter(users[0].users))
+            if ln.args and ln.args[0] is users[0] and _channel_layer_norm(gm, ln, self.site.channels):
+                # A removed channel holds the conv's bias there; the LayerNorm, computed on the kept
+                # channels, ignores it and outputs 0: the depthwise conv loses the channel (ConvNeXt).
+                self._check_once([u, ln])
+                self.tied_ln.append(u)
+                self.layer_norms.append(ln)
+                return [(ln, _State(0, 0, st.hi, st.f, last=True))]
         side: list[fx.Node] = []
         p = u
         while True:
@@ -536,6 +633,11 @@ class Walk:
             self.reject(f"coupled: feeds {d} (squared)")
         if isinstance(other, (int, float)):
             return [(u, st)]
+        shape = self.shapes.get(node)
+        if self.full(st) and isinstance(shape, tuple) and \
+                _channel_param(_param_of(self.gm, other), self.site.channels, len(shape), last=False):
+            self.params.append(str(other.target))  # a per-channel scale loses the same channels
+            return [(u, st)]
         shp, oshp, ushp = self.shapes.get(node), self.shapes.get(other), self.shapes.get(u)
         if not (isinstance(shp, tuple) and isinstance(oshp, tuple) and ushp == shp):
             self.reject(f"coupled: feeds {d} (a product with a tensor; needs an example input)")
@@ -697,6 +799,17 @@ def _lone_end(gm: fx.GraphModule, n: fx.Node, calls: dict[str, int]):
         return None
 
 
+def _ln_owner(n: fx.Node) -> str:
+    """The module holding a LayerNorm's parameters (``nn.LayerNorm`` called, or ``F.layer_norm`` whose
+    weight is read from a module, e.g. torchvision's ``LayerNorm2d``)."""
+    if n.op == "call_module":
+        return str(n.target)
+    w = arg(n, 2, "weight")
+    if isinstance(w, fx.Node) and w.op == "get_attr":
+        return str(w.target).rpartition(".")[0]
+    return f"<{n.name}>"  # no parameters: nothing to slice
+
+
 def _remasks(gm: fx.GraphModule, walk: Walk) -> list[tuple[fx.Node, bool]]:
     """Norms on the way get the mask again after them (a removed channel's shift would be nonzero)."""
     return [(n, False) for n in walk.channelwise if not isinstance(module_of(gm, n), nn.PReLU)]
@@ -709,7 +822,8 @@ def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], produce
     owned += [str(s.target) for _, _, sd in walk.tied for s in sd]
     owned += [str(t.target) for t, _, _ in walk.folds]
     owned += [str(s.target) for _, sd, _ in walk.folds for s in sd]
-    owned += [str(n.target) for n in walk.channelwise]
+    owned += [str(n.target) for n in walk.channelwise] + [str(n.target) for n in walk.tied_ln]
+    owned += [_ln_owner(n) for n in walk.layer_norms] + walk.params
     if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
         return "coupled: shares a depthwise conv, gate or norm with another site"
     if not walk.taps and not walk.tied and not walk.folds:
@@ -734,6 +848,9 @@ def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], produce
     site.tied_norms = [str(s.target) for _, _, sd in walk.tied for s in sd]
     site.tied_norms += [str(s.target) for _, sd, _ in walk.folds for s in sd]
     site.tied_norms += [str(n.target) for n in walk.channelwise]
+    site.tied += [str(n.target) for n in walk.tied_ln]
+    site.layer_norms = [_ln_owner(n) for n in walk.layer_norms]
+    site.params = list(walk.params)
     site.folds = [(str(t.target), [str(n.target) for n in sd], [str(c.target) for c in cs])
                   for t, sd, cs in walk.folds]
     site.gates = [str(g.target) for g in walk.gates]
@@ -818,6 +935,59 @@ def _member_chain(gm: fx.GraphModule, end: fx.Node, calls: dict[str, int]):
     return p, side, block
 
 
+def _at(p: fx.Node, collect: bool | int, last: dict[fx.Node, bool]) -> tuple:
+    """A mask insertion at ``p``, with ``dim=-1`` where its channels are last (a join's point after its
+    activation has the join's layout)."""
+    src = p
+    while src not in last:
+        src = src.args[0]
+    return (p, collect, -1) if last[src] else (p, collect)
+
+
+def _layout_step(gm: fx.GraphModule, shapes: _Shapes, n: fx.Node) -> tuple[fx.Node | None, int]:
+    """Going back from a join: ``(input, 1)`` through a layout permute, ``(input, 0)`` through a
+    LayerNorm over the channels or a per-channel scale; ``(None, 0)`` otherwise."""
+    shape = shapes.get(n)
+    if not isinstance(shape, tuple) or not n.args or not isinstance(n.args[0], fx.Node):
+        return None, 0
+    if _layout_permute(n, len(shape)) is not None:
+        return n.args[0], 1
+    if _channel_layer_norm(gm, n, shape[-1]):
+        return n.args[0], 0
+    if calls_op(n, {operator.mul, torch.mul}, {"mul"}) and len(n.args) == 2:
+        for x, p in (n.args, n.args[::-1]):
+            t = _param_of(gm, p)
+            if isinstance(x, fx.Node) and t is not None and \
+                    (_channel_param(t, shape[1], len(shape), False) or _channel_param(t, shape[-1], 0, True)):
+                return x, 0
+    return None, 0
+
+
+def _layouts(gm: fx.GraphModule, shapes: _Shapes, chains: dict, ends: list[fx.Node],
+             edges: list[tuple[fx.Node, fx.Node, int]]) -> dict[fx.Node, bool] | None:
+    """Whether each member and join of a group has its channels last; ``None`` when they disagree.
+
+    A member's layout is its own (a linear layer over an N-d tensor: last); joins follow through the
+    number of layout permutes between them and their operands' members / joins."""
+    last: dict[fx.Node, bool] = {}
+    for e in ends:
+        shape = shapes.get(e)
+        last[e] = isinstance(module_of(gm, chains[e][0]), nn.Linear) and len(shape) > 2
+    changed = True
+    while changed:
+        changed = False
+        for j, r, parity in edges:
+            for a, b in ((j, r), (r, j)):
+                if a in last:
+                    want = last[a] != bool(parity)
+                    if b not in last:
+                        last[b] = want
+                        changed = True
+                    elif last[b] != want:
+                        return None
+    return last
+
+
 def discover_groups(
     gm: fx.GraphModule, shapes: _Shapes, calls: dict[str, int], claimed: set[str],
     exclude: list[str] | tuple[str, ...] = (),
@@ -853,10 +1023,11 @@ def discover_groups(
     chains: dict[fx.Node, tuple] = {}  # member end -> (layer node, side, block)
     inner: set[fx.Node] = set()  # transparent nodes between members / joins and joins
     blocked: dict[fx.Node, str] = {}  # component root -> reason (resolved after all unions)
+    edges: list[tuple[fx.Node, fx.Node, int]] = []  # (join, root, number of layout permutes between)
     for j in joins:
         find(j)
         for a in j.args:
-            n, why = a, None
+            n, why, flips = a, None, 0
             while True:
                 if n in chains or _is_join(shapes, n):
                     break
@@ -869,6 +1040,9 @@ def discover_groups(
                     chains[n] = chain
                     break
                 src = _transparent(gm, shapes, n)  # (a per-channel PReLU is found again by the walk)
+                if src is None:
+                    src, flip = _layout_step(gm, shapes, n)
+                    flips += flip
                 if src is not None:
                     inner.add(n)
                     n = src
@@ -876,6 +1050,7 @@ def discover_groups(
                 why = f"joined with {describe(gm, n)}"
                 break
             union(n, j)
+            edges.append((j, n, flips % 2))
             if why:
                 blocked.setdefault(j, why)
     comps: dict[fx.Node, list[fx.Node]] = {}
@@ -895,6 +1070,10 @@ def discover_groups(
         if why is not None:
             skipped[name] = f"coupled: {why}" if not why.startswith("coupled") else why
             continue
+        last = _layouts(gm, shapes, chains, ends, [e for e in edges if e[0] in set(gjoins)])
+        if last is None:
+            skipped[name] = "coupled: its tensors put the channels on different dims"
+            continue
         layers = [str(chains[e][0].target) for e in ends]
         sides = [x for e in ends for x in chains[e][1]]
         owned = layers + [x for x, _ in sides]
@@ -905,10 +1084,9 @@ def discover_groups(
         if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
             skipped[name] = "coupled: a member belongs to another site or group"
             continue
-        first = module_of(gm, chains[ends[0]][0])
-        shape = shapes.get(ends[0])
-        if isinstance(first, nn.Linear) and len(shape) != 2:
-            skipped[name] = f"linear output has {len(shape)} dims; its features are not on dim 1"
+        widths = {shapes.get(e)[-1 if last[e] else 1] for e in ends}
+        if len(widths) != 1:
+            skipped[name] = "coupled: members of different widths"
             continue
         mods = {x: gm.get_submodule(x) for x in layers}
         bad = next((x for x, m in mods.items()
@@ -916,7 +1094,7 @@ def discover_groups(
         if bad is not None:
             skipped[name] = f"coupled: member '{bad}' is a depthwise or grouped transposed conv"
             continue
-        channels = int(shape[1])
+        channels = int(widths.pop())
         block = 1
         bounds: set[int] = set()
         for e in ends:
@@ -930,7 +1108,7 @@ def discover_groups(
         walk = Walk(gm, shapes, calls, site)
         walk.joins = set(gjoins)
         try:
-            walk.run(*ends, *gjoins)
+            walk.run(*ends, *gjoins, last=last)
         except _Reject as e:
             skipped[name] = str(e)
             continue
@@ -949,8 +1127,8 @@ def discover_groups(
         points += [e for e in ends if any(u not in internal for u in e.users)]
         points = sorted(set(points), key=order.__getitem__)
         index = {p: i for i, p in enumerate(points)}
-        inserts = [(e, index.get(e, False)) for e in ends]
-        inserts += [(p, i) for p, i in index.items() if p not in chains] + _remasks(gm, walk)
+        inserts = [_at(e, index.get(e, False), last) for e in ends]
+        inserts += [_at(p, i, last) for p, i in index.items() if p not in chains] + _remasks(gm, walk)
         site._nodes = {"inserts": inserts, "walk": walk, "points": len(points),  # type: ignore[attr-defined]
                        "first": chains[ends[0]][0]}
         sites.append(site)

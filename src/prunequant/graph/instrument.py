@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from ..prune.mask import GROUP_AGGREGATES, ChannelMask
 from ..quant.quantizers import WEIGHT_CLIPS, ActQuantizer, WeightQuantizer, check_percentile
 from .discover import Walk, discover
+from .masking import place_mask
 from .ops import CONVT_TYPES, in_width, is_depthwise, is_layer, module_of
 from .plan import LayerInfo, Plan, Rewrite, Site
 from .trace import trace
@@ -117,13 +118,7 @@ def instrument(
         gm.add_submodule(site.mask, ChannelMask(site.channels, stat=prune_stat or "none",
                                                 points=site._nodes["points"],  # type: ignore[attr-defined]
                                                 aggregate=group_stat, dim=site.dim))
-        for act, collect in site._nodes["inserts"]:  # type: ignore[attr-defined]
-            with graph.inserting_after(act):
-                # Tied (depthwise) points and a group's member outputs reuse the module without
-                # gathering statistics (collect=False); a group's points pass their row.
-                args = (act,) if collect is True else (act, collect)
-                new = graph.call_module(site.mask, args)
-            act.replace_all_uses_with(new, delete_user_cb=lambda u, new=new: u is not new)
+        place_mask(gm, site, site._nodes["inserts"], walk.layer_norms)  # type: ignore[attr-defined]
         for p in site.producers:
             layers[p].output_site = site.name
         for t in site.tied:

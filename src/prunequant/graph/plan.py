@@ -63,13 +63,17 @@ class Site:
     members: list[str] = field(default_factory=list)
     kind: str = "site"  # "site" (one producer's activation) or "group" (tensors joined by adds / products)
     dim: int = 1  # the channel dim of the masked tensor: 1, or -1 (a linear layer's channels-last output)
+    #: modules holding the parameters of LayerNorms over these channels (computed on the kept channels)
+    layer_norms: list[str] = field(default_factory=list)
+    params: list[str] = field(default_factory=list)  # per-channel scales ("layer scale"), by qualified name
     kept: list[int] | None = None  # after shrink(): original indices of the channels that remain
     original_channels: int | None = None  # after shrink(): channel count before removal
 
     @property
     def channel_modules(self) -> list[str]:
         """Non-layer modules with per-channel parameters that shrink with the site."""
-        return [n for n, _ in self.side] + list(self.tied_norms)
+        lns = [n for n in self.layer_norms if not n.startswith("<")]  # "<node>": no parameters
+        return [n for n, _ in self.side] + list(self.tied_norms) + lns
 
     @property
     def producers(self) -> list[str]:

@@ -31,8 +31,9 @@ from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..errors import GraphError
-from ..prune.mask import ChannelMask
+from ..prune.mask import ChannelMask, masked_layer_norm
 from .instrument import weight_quantizer
+from .masking import unmask_layer_norm
 from .ops import CONV_TYPES, CONVT_TYPES, INSTANCE_NORM_TYPES, NORM_TYPES
 from .plan import Plan, Site, Tap, kept_positions
 
@@ -302,6 +303,12 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
                 _slice_channelwise(gm.get_submodule(t), idx, t)
             for g in s.gates:
                 _slice_out(gm.get_submodule(g), idx, g)
+            for name in s.params:  # per-channel scales: the axis of the channels
+                owner_name, _, attr = name.rpartition(".")
+                owner = gm.get_submodule(owner_name)
+                old = getattr(owner, attr)
+                axis = 1 if old.dim() > 1 and old.shape[0] == 1 else 0
+                setattr(owner, attr, _param(old, old.detach().index_select(axis, idx.to(old.device))))
         # Consumer side.
         for name, info in plan.layers.items():
             if not info.input_taps:
@@ -314,10 +321,14 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
     # Graph: rewrite channel-count-dependent nodes, drop the masks.
     graph = gm.graph
     mask_targets = {s.mask for s in plan.sites}
+    by_mask = {f"{s.mask}.mask": s for s in plan.sites}
     for node in list(graph.nodes):
         rw = plan.rewrites.get(node.name)
         if rw is not None:
             _rewrite(graph, node, rw, masks)
+        elif node.op == "call_function" and node.target is masked_layer_norm:
+            s = by_mask[str(node.args[5].target)]
+            unmask_layer_norm(gm, node, (masks[s.name] != 0).nonzero().flatten().tolist())
         elif node.op == "call_module" and node.target in mask_targets:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)

@@ -194,6 +194,12 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
             for p in m.parameters(recurse=False):
                 params += round(p.numel() * norm_frac[n])
                 counted.add(id(p))
+    for s in plan.sites if plan is not None else ():  # per-channel scales ("layer scale")
+        for name in s.params:
+            p = model.get_parameter(name)
+            if id(p) not in counted:
+                params += round(p.numel() * site_frac[s.name])
+                counted.add(id(p))
     params += sum(p.numel() for p in model.parameters() if id(p) not in counted)
 
     numbers = sum(r.scale_bias for r in records) + sum(norm_numbers.values()) + 2 * len(aq_bits)

@@ -157,15 +157,17 @@ class ChannelMask(nn.Module):
         """Number of channels the mask keeps."""
         return int(self.mask.count_nonzero())
 
-    def forward(self, x: Tensor, collect: bool | int = True) -> Tensor:
+    def forward(self, x: Tensor, collect: bool | int = True, dim: int | None = None) -> Tensor:
         """Apply the mask; gather statistics of the unmasked input while collecting.
 
         ``collect=False`` is used where the same mask is applied a second time (tied depthwise, a
-        group's member outputs); an integer is the statistics row of a group's point.
+        group's member outputs); an integer is the statistics row of a group's point. ``dim``: the
+        channel dim of this tensor when it differs from :attr:`dim` (a group spanning both layouts).
         """
+        dim = self.dim if dim is None else dim
         if collect is not False and self.training and bool(self.collecting) and self.stat != "none":
             with torch.no_grad():
-                s = batch_channel_stat(x, self.stat, self.dim).to(torch.float64)
+                s = batch_channel_stat(x, self.stat, dim).to(torch.float64)
                 if self.points == 1:
                     self.stat_sum += s
                     self.stat_count += 1
@@ -174,10 +176,31 @@ class ChannelMask(nn.Module):
                     self.stat_sum[i] += s
                     self.stat_count[i] += 1
         shape = [1] * x.dim()
-        shape[self.dim] = -1
+        shape[dim] = -1
         return x * self.mask.to(x.dtype).reshape(shape)
 
     def extra_repr(self) -> str:
         extra = f", points={self.points}, aggregate={self.aggregate}" if self.points > 1 else ""
         extra += ", dim=-1" if self.dim == -1 else ""
         return f"channels={self.channels}, stat={self.stat}{extra}"
+
+
+def masked_layer_norm(x: Tensor, normalized_shape: list[int] | tuple[int, ...], weight: Tensor | None,
+                      bias: Tensor | None, eps: float, mask: Tensor) -> Tensor:
+    """LayerNorm over the last dim computed on the channels ``mask`` keeps; removed channels output 0.
+
+    What ``F.layer_norm`` gives on the physically smaller tensor, at the kept positions: a LayerNorm
+    over channels whose channels are pruned (ConvNeXt) is exact only with statistics over the kept ones.
+    """
+    if len(normalized_shape) != 1:
+        raise ValueError("masked_layer_norm normalizes over the last dim only")
+    m = mask.to(x.dtype)
+    k = m.sum().clamp(min=1)
+    mean = (x * m).sum(dim=-1, keepdim=True) / k
+    var = (((x - mean) * m) ** 2).sum(dim=-1, keepdim=True) / k
+    y = (x - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * m
