@@ -1,7 +1,7 @@
 """Instrumentation (:func:`instrument`) traces the model with ``torch.fx``, inserts a
-:class:`~prunequant.prune.mask.ChannelMask` after every site's activation, a
-:class:`~prunequant.quant.quantizers.ActQuantizer` on the input of every conv / linear layer and a
-:class:`~prunequant.quant.quantizers.WeightQuantizer` as a parametrization of its ``weight``.
+:class:`~prunequant.prune.mask.ChannelMask` after every site's activation and, where a
+:class:`~prunequant.quant.policy.QuantPolicy` gives a layer bits, the activation quantizer it returns
+on the layer's input and its weight quantizer as a parametrization of the layer's ``weight``.
 The returned ``GraphModule`` shares the parameters of the original model and follows
 ``.train()`` / ``.eval()`` like it: ops that take the mode (dropouts, stochastic depth, functional
 norms) read the GraphModule's flags when it runs, not the mode it was traced in (see :func:`trace`).
@@ -9,14 +9,14 @@ norms) read the GraphModule's flags when it runs, not the mode it was traced in 
 
 from __future__ import annotations
 
-import fnmatch
+from typing import Any
 
 import torch
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..prune.mask import GROUP_AGGREGATES, ChannelMask
-from ..quant.quantizers import WEIGHT_CLIPS, ActQuantizer, WeightQuantizer, check_percentile
+from ..quant.policy import QuantPolicy, find_weight_quantizer
 from .discover import Walk, discover
 from .masking import place_mask
 from .ops import CONVT_TYPES, in_width, is_depthwise, is_layer, module_of
@@ -27,13 +27,24 @@ MASKS_ATTR = "pq_masks"
 AQ_ATTR = "pq_act_quant"
 
 
-def _match(name: str, table: dict) -> object | None:
-    """Value of the last pattern in ``table`` that matches ``name`` (later entries win)."""
-    hit = None
-    for pat, val in table.items():
-        if fnmatch.fnmatchcase(name, pat):
-            hit = val
-    return hit
+#: the quantizer keywords :func:`instrument` still takes (they build a :class:`QuantPolicy`).
+LEGACY_QUANT_KEYWORDS = ("weight_bits", "act_bits", "power_of_two", "layer_bits", "act_percentile",
+                         "weight_clip", "weight_range")
+
+
+def _policy(quant: QuantPolicy | None, legacy: dict[str, Any]) -> QuantPolicy:
+    unknown = [k for k in legacy if k not in LEGACY_QUANT_KEYWORDS]
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise TypeError(f"instrument() got unexpected keyword argument{s} {', '.join(map(repr, unknown))}")
+    if quant is None:
+        return QuantPolicy(**legacy)
+    if legacy:
+        raise TypeError(f"instrument(): pass either quant= or the quantizer keywords, not both "
+                        f"(got quant= and {sorted(legacy)})")
+    if not isinstance(quant, QuantPolicy):
+        raise TypeError(f"instrument(): quant must be a QuantPolicy, got {type(quant).__name__}")
+    return quant
 
 
 def _safe(name: str) -> str:
@@ -45,16 +56,11 @@ def instrument(
     *,
     prune_stat: str | None = "a_l1",
     exclude: list[str] | tuple[str, ...] = (),
-    weight_bits: int | None = None,
-    act_bits: int | None = None,
-    power_of_two: bool = False,
-    layer_bits: dict[str, dict] | None = None,
     example_input: torch.Tensor | None = None,
-    act_percentile: float | None = None,
-    weight_clip: str = "max",
-    weight_range: str = "full",
     groups: bool = False,
     group_stat: str = "mean",
+    quant: QuantPolicy | None = None,
+    **legacy: Any,
 ) -> tuple[fx.GraphModule, Plan]:
     """Trace ``model`` and insert masks (when ``prune_stat`` is not None) and quantizers.
 
@@ -63,16 +69,6 @@ def instrument(
             importance); ``None`` inserts no masks.
         exclude: fnmatch patterns of producer names never pruned (and of submodules that cannot be
             traced, which are then kept as opaque calls).
-        weight_bits / act_bits: global bit-widths; ``None`` leaves that part in floating point.
-        layer_bits: ``{pattern: {"weight_bits": b|None, "act_bits": b|None}}`` per-layer overrides
-            (``act_bits`` is the bit-width of that layer's *input*).
-        act_percentile: ``None`` (activation bounds from batch min / max, the paper's) or a
-            percentile in (50, 100) used as the per-batch statistic instead (see
-            :class:`~prunequant.quant.quantizers.ActQuantizer`).
-        weight_clip: ``"max"`` (the paper's weight scale) or ``"mse"`` (MSE-optimal clipped max, see
-            :class:`~prunequant.quant.quantizers.WeightQuantizer`).
-        weight_range: ``"full"`` b-bit weight codes or ``"reduced"`` (7-bit codes in 8-bit weights),
-            for integer kernels that would saturate (see ``prunequant.export.cpu``).
         example_input: a batch used to record tensor shapes; needed to follow channels through
             concatenations, splits and views (without it those activations are not pruned).
         groups: also prune channel groups across residual adds and gating products (every tensor
@@ -80,17 +76,13 @@ def instrument(
             Off by default: the paper prunes block-internal channels only.
         group_stat: how a group's importance combines its statistics points, ``"mean"`` or ``"max"``
             (see :class:`~prunequant.prune.mask.ChannelMask`).
+        quant: the bits and quantizers of every layer; ``None``: built from the legacy keywords
+            ``weight_bits``, ``act_bits``, ``power_of_two``, ``layer_bits``, ``act_percentile``,
+            ``weight_clip``, ``weight_range`` (the :class:`QuantPolicy` fields; not with ``quant``),
+            and without them nothing is quantized.
     """
-    options = {"prune_stat": prune_stat, "exclude": list(exclude), "weight_bits": weight_bits,
-               "act_bits": act_bits, "power_of_two": power_of_two, "layer_bits": layer_bits}
-    if act_percentile is not None:  # recorded only when used, so older records stay identical
-        options["act_percentile"] = check_percentile(act_percentile)
-    if weight_clip != "max":
-        if weight_clip not in WEIGHT_CLIPS:
-            raise ValueError(f"weight_clip must be one of {list(WEIGHT_CLIPS)}, got {weight_clip!r}")
-        options["weight_clip"] = weight_clip
-    if weight_range != "full":  # recorded only when used, like the two above
-        options["weight_range"] = weight_range
+    policy = _policy(quant, legacy)
+    options = {"prune_stat": prune_stat, "exclude": list(exclude), **policy.options()}
     if groups:
         if group_stat not in GROUP_AGGREGATES:
             raise ValueError(f"group_stat must be one of {list(GROUP_AGGREGATES)}, got {group_stat!r}")
@@ -139,28 +131,20 @@ def instrument(
         del site._nodes  # type: ignore[attr-defined]
 
     # Quantizers.
-    overrides = layer_bits or {}
     by_input: dict[fx.Node, list[fx.Node]] = {}
     for n in layer_nodes:
         info = layers[str(n.target)]
-        o = _match(info.name, overrides) or {}
-        info.weight_bits = o.get("weight_bits", weight_bits) if isinstance(o, dict) else weight_bits
-        info.act_bits = o.get("act_bits", act_bits) if isinstance(o, dict) else act_bits
-        if info.weight_bits is not None:
-            m = module_of(gm, n)
-            axis = 1 if info.kind == "convT" else 0
-            channels = None if info.kind == "linear" else m.weight.shape[axis]
-            parametrize.register_parametrization(
-                m, "weight", WeightQuantizer(info.weight_bits, channels, axis, power_of_two, weight_clip,
-                                                weight_range),
-                unsafe=True,
-            )
+        info.weight_bits, info.act_bits = policy.bits(info.name)
+        m = module_of(gm, n)
+        wq = policy.weight_quantizer(m, info.kind, info.weight_bits)
+        if wq is not None:
+            parametrize.register_parametrization(m, "weight", wq, unsafe=True)
         if info.act_bits is not None:
             by_input.setdefault(n.args[0], []).append(n)
     for src, users in by_input.items():
         bits = max(layers[str(u.target)].act_bits for u in users)
         name = f"{AQ_ATTR}.{_safe(str(users[0].target))}"
-        gm.add_submodule(name, ActQuantizer(bits, act_percentile))
+        gm.add_submodule(name, policy.act_quantizer(bits))
         with graph.inserting_before(users[0]):
             q = graph.call_module(name, (src,))
         for u in users:
@@ -174,13 +158,8 @@ def instrument(
     return gm, plan
 
 
-def weight_quantizer(module: nn.Module) -> WeightQuantizer | None:
-    """The :class:`WeightQuantizer` parametrizing ``module.weight``, if any."""
-    if parametrize.is_parametrized(module, "weight"):
-        for p in module.parametrizations["weight"]:
-            if isinstance(p, WeightQuantizer):
-                return p
-    return None
+#: the :class:`~prunequant.quant.quantizers.WeightQuantizer` parametrizing ``module.weight``, if any.
+weight_quantizer = find_weight_quantizer
 
 
 def raw_weight(module: nn.Module) -> torch.Tensor:
@@ -190,4 +169,4 @@ def raw_weight(module: nn.Module) -> torch.Tensor:
     return module.weight
 
 
-__all__ = ["AQ_ATTR", "MASKS_ATTR", "instrument", "raw_weight", "weight_quantizer"]
+__all__ = ["AQ_ATTR", "LEGACY_QUANT_KEYWORDS", "MASKS_ATTR", "instrument", "raw_weight", "weight_quantizer"]

@@ -32,6 +32,7 @@ from ..graph.ops import LAYER_TYPES
 from ..graph.trace import trace
 from ..prune.mask import ChannelMask, aggregate_stat, mask_from_scores
 from ..prune.schedule import ScheduleSpec
+from ..quant.policy import QuantPolicy
 from ..quant.quantizers import ActQuantizer
 from ..recipe import Recipe, RecipeError, did_you_mean
 from ..utils import eval_mode
@@ -155,18 +156,16 @@ class Compressor:
         stat = None
         if p is not None:
             stat = p.importance if p.importance in ("a_l1", "a_l0") else "none"
-        layer_bits = resolve_layer_bits(model, recipe)
+        quant = QuantPolicy()
+        if q is not None:
+            quant = QuantPolicy(weight_bits=q.weight_bits, act_bits=q.act_bits, power_of_two=q.power_of_two,
+                                layer_bits=resolve_layer_bits(model, recipe), act_percentile=q.act_percentile,
+                                weight_clip=q.weight_clip, weight_range=q.weight_range)
         self.model, self.plan = instrument(
             model,
             prune_stat=stat,
             exclude=p.exclude if p else (),
-            weight_bits=q.weight_bits if q else None,
-            act_bits=q.act_bits if q else None,
-            power_of_two=q.power_of_two if q else False,
-            layer_bits=layer_bits,
-            act_percentile=q.act_percentile if q else None,
-            weight_clip=q.weight_clip if q else "max",
-            weight_range=q.weight_range if q else "full",
+            quant=quant,
             example_input=example_input,
             groups=p.groups if p else False,
             group_stat=p.group_stat if p else "mean",
