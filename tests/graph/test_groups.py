@@ -83,12 +83,12 @@ def test_resnet20_masked_equals_smaller(bits: int | None) -> None:
     assert measure(shrink(gm), x).act_mbit < 0.6 * off.act_mbit  # the residual streams shrink too
 
 
-@pytest.mark.parametrize("name", [n for n in ZOO if n in ("resnet20", "mobilenetv2", "bottleneck")])
+@pytest.mark.parametrize("name", list(ZOO))
 def test_zoo_groups_identical_codes(name: str) -> None:
-    """W4A4: integer codes at the last layer's input identical, masked vs smaller (float64)."""
+    """W4A4 with groups on: integer codes at the last layer's input identical, masked vs smaller (float64)."""
     _, gm, x = build(name, bits=4, groups=True)
     plan = gm.pq_plan
-    assert _groups(plan)
+    assert bool(_groups(plan)) == (name in ("resnet20", "mobilenetv2", "bottleneck", "preact_resnet"))
     last = list(plan.layers)[-1]
     info = plan.layers[last]
     small = shrink(gm)
@@ -103,8 +103,8 @@ def test_zoo_groups_identical_codes(name: str) -> None:
         h.remove()
         codes.append(rec["c"])
     masks = {s.name: gm.get_submodule(s.mask).mask for s in plan.sites}
-    keep = kept_positions(info.in_width, info.input_taps, masks)
-    assert not bool(keep.all())  # the classifier reads a pruned group
+    keep = (kept_positions(info.in_width, info.input_taps, masks) if info.input_taps
+            else torch.ones(codes[0].shape[1], dtype=torch.bool))
     assert torch.equal(codes[0][:, keep], codes[1])
 
 
@@ -407,3 +407,20 @@ def test_small_convnext_groups(bits: int | None) -> None:
     x = torch.randn(2, 3, 16, 16)
     gm, plan = _equivalent(model, x, bits=bits)
     assert len(_groups(plan)) == 2 and len(plan.sites) == 5
+
+
+def test_masked_convnext_export_is_refused_with_the_fix() -> None:
+    from tvshim import import_torchvision
+
+    import_torchvision()
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    from prunequant.export import ExportError, export_onnx
+
+    x = torch.randn(2, 3, 16, 16)
+    model = ConvNeXt([CNBlockConfig(8, 16, 1), CNBlockConfig(16, None, 1)], num_classes=3).eval()
+    gm, _ = instrument(model, prune_stat="none", example_input=x, groups=True, weight_bits=8, act_bits=8)
+    set_masks(gm)
+    calibrate(gm, tuple(x.shape))
+    with pytest.raises(ExportError, match="physically smaller"):
+        export_onnx(gm, x, "unused.onnx", allow_masked=True)

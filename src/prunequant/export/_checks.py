@@ -10,7 +10,7 @@ from torch import nn
 from ..errors import ExportError
 from ..graph.instrument import weight_quantizer
 from ..graph.ops import LAYER_TYPES
-from ..prune.mask import ChannelMask
+from ..prune.mask import ChannelMask, masked_layer_norm
 from ..quant.quantizers import ActQuantizer, WeightQuantizer
 
 NOT_QUANTIZED = (
@@ -100,5 +100,13 @@ def check_exportable(model: nn.Module, *, allow_masked: bool = False, what: str 
             "model that Compressor.finalize() returns (it removes them) or remove them with "
             "`model = prunequant.graph.shrink(model)`, so the exported network is physically smaller "
             "(or pass allow_masked=True to export the masked network as is)"
+        )
+    graph = getattr(model, "graph", None)
+    if st.masked_channels and graph is not None and any(
+            n.op == "call_function" and n.target is masked_layer_norm for n in graph.nodes):
+        raise ExportError(
+            f"{what}: a LayerNorm over pruned channels is computed on the kept channels only, which the "
+            "masked network cannot express in ONNX; export the physically smaller network "
+            "(`prunequant.graph.shrink(model)`, or the model Compressor.finalize() returns)"
         )
     return st
