@@ -21,8 +21,8 @@ layers, one sample; the same definitions for all columns), and the dense / TP mo
 removes ``C - int(C * (1 - ratio))`` channels of every coupled group (a layer and everything tied to
 it), prunequant removes ``floor(ratio * C)`` channels of every site it found (and nothing elsewhere).
 
-Each (model, method) cell is cached as ``OUT/groups_vs_tp_cache/*.json``, prunequant cells keyed by a
-hash of prunequant's sources (``--force`` recomputes);
+Each (model, method) cell is cached as ``OUT/groups_vs_tp_cache/*.json``, keyed by a hash of this
+script and (prunequant cells) of prunequant's sources (``--force`` recomputes);
 the table goes to ``OUT/groups_vs_tp.json`` and ``OUT/groups_vs_tp.md``. Full run (about 2 minutes on 2
 CPU cores)::
 
@@ -172,8 +172,8 @@ def run_tp(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
     return res
 
 
-def site_scores(gm: nn.Module, site, how: str, gen: torch.Generator) -> torch.Tensor:
-    """Weight L1 of the producer output channels that make up the site's channels, else random."""
+def site_scores(gm: nn.Module, site, how: str, gen: torch.Generator) -> tuple[torch.Tensor, bool]:
+    """Weight L1 of the producer output channels that make up the site's channels (True), else random."""
     if how == "l1":
         producers = getattr(site, "producers", None) or [site.producer]
         total = torch.zeros(site.channels, dtype=torch.float64)
@@ -185,10 +185,10 @@ def site_scores(gm: nn.Module, site, how: str, gen: torch.Generator) -> torch.Te
                     total += s.reshape(site.channels, site.repeat).sum(1)
                 else:
                     raise ValueError
-            return total
+            return total, True
         except (AttributeError, ValueError, TypeError, IndexError):
             pass
-    return torch.rand(site.channels, generator=gen, dtype=torch.float64)
+    return torch.rand(site.channels, generator=gen, dtype=torch.float64), False
 
 
 def is_group(site) -> bool:
@@ -211,9 +211,11 @@ def run_pq(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
     phase("pq masks")
     gen = torch.Generator().manual_seed(0)
     removed = 0
+    random_scored = 0
     with torch.no_grad():
         for site in plan.sites:
-            s = site_scores(gm, site, scores, gen)
+            s, from_weights = site_scores(gm, site, scores, gen)
+            random_scored += not from_weights
             m = mask_from_scores(s, ratio, block=site.block, parts=site.parts)
             cm = gm.get_submodule(site.mask)
             cm.mask.copy_(m)
@@ -231,6 +233,7 @@ def run_pq(name: str, x: torch.Tensor, phase: Callable[[str], None], ratio: floa
     skipped = dict(plan.skipped)
     res.update(
         sites=len(plan.sites), group_sites=sum(is_group(s) for s in plan.sites), pruned_channels=removed,
+        random_scored_sites=random_scored,
         allclose=bool(torch.allclose(masked, out, atol=ATOL)),
         max_abs_diff=float((masked - out).abs().max()),
         masked_equals_shrunk_counts=(masked_m.macs, masked_m.params) == (res["macs"], res["params"]),
@@ -340,7 +343,9 @@ def markdown(report: dict) -> str:
             if not c or "skipped_kinds" not in c:
                 continue
             kinds = "; ".join(f"{k}: {n}" for k, n in c["skipped_kinds"].items()) or "none"
-            lines.append(f"- {name}, {LABELS[meth]} ({c['skipped_count']} skipped): {kinds}")
+            rnd = c.get("random_scored_sites", 0)
+            lines.append(f"- {name}, {LABELS[meth]} ({c['skipped_count']} skipped): {kinds}"
+                         + (f" ({rnd} sites scored at random)" if rnd and report["scores"] == "l1" else ""))
     lines += ["", "## Layers Torch-Pruning narrows (fewer output channels) that prunequant leaves whole", ""]
     for name, cells in report["models"].items():
         tp_layers = set(cells.get("tp", {}).get("narrowed_layers", []))
@@ -380,10 +385,11 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(1, 3, a.size, a.size, generator=torch.Generator().manual_seed(0))
     report_models: dict[str, dict] = {}
     digest = source_digest()  # once, at start: the sources this process imported (edits later do not count)
+    script = hashlib.sha1(Path(__file__).read_bytes()).hexdigest()[:8]  # a changed benchmark recomputes
     cells = [(m, k) for m in a.models for k in a.methods]
     bar = tqdm(cells, desc="groups_vs_tp", unit="cell", file=sys.stderr)
     for name, meth in bar:
-        key = f"{name}-{meth}-s{a.size}-r{a.ratio:g}"
+        key = f"{name}-{meth}-s{a.size}-r{a.ratio:g}-b{script}"
         if meth.startswith("pq"):  # a changed prunequant source does not reuse its old cells
             key += f"-{a.scores}-pq{digest}"
         path = cache / f"{key}.json"

@@ -37,6 +37,7 @@ def test_groups_vs_tp_resnet18(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     pq = cells["pq"]
     assert pq["allclose"] and pq["masked_equals_shrunk_counts"]
     assert pq["sites"] > 0 and pq["group_sites"] == 0 and 0 < pq["macs"] < dense["macs"]
+    assert pq["random_scored_sites"] == 0  # every site scored by its producers' weight L1
     grouped = cells["pq_groups"]
     if bench.has_groups():
         assert grouped["allclose"] and grouped["masked_equals_shrunk_counts"]
