@@ -17,8 +17,9 @@
   (the float32 scales and biases a deployed model keeps beside its weights, and the sum: see
   :mod:`prunequant.metrics.measure`), ``weight_bits`` and ``act_bits`` (bit-widths in use; 32 =
   float);
-* ``layers``: per pruned layer ``name``, ``channels_before``, ``channels_after``,
-  ``target_sparsity``, ``tied`` (depthwise convs that lose the same channels);
+* ``layers``: per pruned layer or channel group ``name`` (groups: ``group:<first producer>``),
+  ``channels_before``, ``channels_after``, ``target_sparsity``, ``tied`` (depthwise convs that lose
+  the same channels), ``members`` (a group's other producers; empty for a layer);
 * ``skipped``: activations that were not pruned, with the reason.
 """
 
@@ -100,11 +101,11 @@ def summary_markdown(results: dict[str, Any]) -> str:
             "",
             "## Channels per pruned layer",
             "",
-            "| layer | before | after | target sparsity | tied |",
+            "| layer | before | after | target sparsity | tied / group members |",
             "|---|---:|---:|---:|---|",
         ]
         for r in results["layers"]:
-            tied = ", ".join(r["tied"]) or ""
+            tied = ", ".join(list(r.get("members", [])) + list(r["tied"])) or ""
             lines.append(
                 f"| `{r['name']}` | {r['channels_before']} | {r['channels_after']} | "
                 f"{r['target_sparsity']:.2f} | {tied} |"

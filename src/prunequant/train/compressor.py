@@ -384,7 +384,7 @@ class Compressor:
         """Per site: name, channels before / after, target sparsity, frozen."""
         return [
             {"name": s.name, "channels": s.channels, "kept": m.kept, "target_sparsity": sp,
-             "frozen": bool(m.frozen), "tied": list(s.tied)}
+             "frozen": bool(m.frozen), "tied": list(s.tied), "members": list(s.members)}
             for s, m, sp in zip(self.plan.sites, self._masks, self._sparsity)
         ]
 

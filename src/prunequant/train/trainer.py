@@ -423,7 +423,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         "timeline": comp.timeline.as_dict(),
         "layers": [
             {"name": r["name"], "channels_before": r["channels"], "channels_after": r["kept"],
-             "target_sparsity": r["target_sparsity"], "tied": r["tied"]}
+             "target_sparsity": r["target_sparsity"], "tied": r["tied"], "members": r["members"]}
             for r in comp.sparsity_report()
         ],
         "skipped": dict(comp.plan.skipped),
