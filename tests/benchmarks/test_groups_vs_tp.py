@@ -35,7 +35,7 @@ def test_groups_vs_tp_resnet18(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert tp["runs"] and 0 < tp["macs"] < dense["macs"] and tp["pruned_groups"] > 0
 
     pq = cells["pq"]
-    assert pq["allclose"] and pq["masked_equals_shrunk_counts"]
+    assert pq["allclose"] and pq["masked_equals_shrunk_counts"] and pq["output_scale"] > 1e-2  # not vacuous
     assert pq["sites"] > 0 and pq["group_sites"] == 0 and 0 < pq["macs"] < dense["macs"]
     assert pq["random_scored_sites"] == 0  # every site scored by its producers' weight L1
     grouped = cells["pq_groups"]
