@@ -188,3 +188,15 @@ def test_quantize_after_shrink() -> None:
     m = measure(q, x)
     assert m.params == before.params and m.macs == before.macs
     assert m.weight_mbit == pytest.approx(before.weight_mbit / 8)
+
+
+def test_identity_and_dropout_inside_a_producer_chain() -> None:
+    """conv -> Identity / Dropout -> (BN) -> act is a site (it was missed without a reason)."""
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Identity(), nn.ReLU(), nn.Conv2d(8, 6, 3), nn.Dropout(0.2),
+                      nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 1)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    gm, plan = instrument(m, prune_stat="none", example_input=x)
+    assert [s.name for s in plan.sites] == ["0", "3"] and plan.sites[1].norm == "5"
+    set_masks(gm)
+    with torch.no_grad():
+        assert _rel(shrink(gm)(x), gm(x)) < 1e-6

@@ -59,6 +59,7 @@ from .ops import (
     module_of,
     node_args,
     out_channels,
+    rule_of,
     unpadded,
 )
 from .plan import Rewrite, Site, Tap
@@ -206,6 +207,8 @@ def _producer_chain(gm: fx.GraphModule, act: fx.Node, calls: dict[str, int]):
             r = m.upscale_factor if m is not None else int(arg(p, 1, "upscale_factor"))
             expand *= r * r
             p = p.args[0]
+        elif getattr(rule_of(gm, p), "name", None) in ("identity", "dropout", "stochastic_depth") and p.args:
+            p = p.args[0]  # keeps every channel where it is: see through it
         else:
             break
         if not isinstance(p, fx.Node):
