@@ -16,9 +16,12 @@ torch.onnx's own lowering:
 
 Each is compared with the hand-written QDQ lowering (``prunequant.export.build_onnx(..., "qdq")``) on
 the models of the export round-trip tests: every model of ``tests/graph/zoo.py`` (random masks and
-calibration, shrunk, as ``tests/export/test_zoo_export.py``) and the ``prunequant.models`` registry
-models lenet5, resnet20, vgg_small, mobilenetv2 trained on the digits (``tests/export/export_helpers``),
-at W8A8 and W4A4. Measured per file: exported or the error, ONNX Runtime (graph optimization off, the
+calibration, shrunk, as ``tests/export/test_zoo_export.py``; lenet5, resnet20, vgg_small and
+mobilenetv2 among them) and the ``prunequant.models`` registry models resnet20, vgg_small, mobilenetv2
+plus ESPCN trained on the digits (``tests/export/export_helpers``; lenet5 needs >= 12x12 inputs), at
+W8A8 and W4A4; QONNX through the qonnx executor (and hls4ml's frontend for the zoo LeNet-5); one
+model with ops the hand-written translator refuses (``torch.cumsum``, ``torch.flip``). Measured per
+file: exported or the error, ONNX Runtime (graph optimization off, the
 file's meaning) against the PyTorch fake-quant model (worst per-sample deviation: share within one
 8-bit output step, median, max; argmax agreement), export wall time as a ratio to the hand-written
 export of the same model in the same run, node counts, file size, whether weights are stored as
@@ -26,7 +29,8 @@ integers, and whether the 4-bit codes are right (the integer codes ONNX Runtime 
 activation and weight QuantizeLinear equal ``quantize_to_int`` of the PyTorch quantizers, and lie in
 the b-bit range).
 
-Run (``--quick``: three zoo models, no trained registry models)::
+Run (about 45 minutes on 2 busy cores, MobileNetV2 dominates; ``--quick``: three zoo models, no
+trained registry models; ``--markdown FILE``: the tables of docs/export.md from a JSON)::
 
     .venv/bin/python benchmarks/onnx_lowering.py --json benchmarks/results/onnx_lowering.json
 """
