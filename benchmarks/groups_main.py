@@ -14,6 +14,7 @@ Every cell is a ``prunequant run`` folder under ``benchmarks/results/groups/``; 
 stopped. The table (mean +- sample std over seeds) goes to ``groups.md`` / ``groups.json`` there::
 
     .venv/bin/python benchmarks/groups_main.py --seeds 0 1 2
+    .venv/bin/python benchmarks/groups_main.py --seeds 0 --cells on   # another process, once dense.pt exists
     .venv/bin/python benchmarks/groups_main.py --table-only      # summarize what is finished
 
 ``--epochs-scale`` shortens every phase for a quick look (not the benchmark).
@@ -97,22 +98,26 @@ def equal_memory_sparsity(cfg_on: RunConfig, target: float) -> float:
     return min(grid, key=lambda s: abs(memory_at(cfg_on, s) - target))
 
 
-def run_cells(seeds: list[int], scale: float) -> None:
+def run_cells(seeds: list[int], scale: float, cells: tuple[str, ...] = CELLS) -> None:
+    """Run the missing cells; ``on`` / ``on_eqmem`` need the ``off`` cell's dense.pt (they can run in
+    other processes once it is written)."""
     from prunequant.train.trainer import run
 
     for seed in seeds:
         off = OUT / f"off_s{seed}"
-        if not _done(off):
+        if "off" in cells and not _done(off):
             print(f"[seed {seed}] off: training dense + compressing", flush=True)
             run(_config(seed, False, 0.5, None, scale), off, log=lambda m: None)
         dense = off / "dense.pt"
+        if not dense.exists():
+            raise SystemExit(f"{dense} is missing: run the off cell of seed {seed} first")
         on = OUT / f"on_s{seed}"
-        if not _done(on):
+        if "on" in cells and not _done(on):
             print(f"[seed {seed}] on: groups at 50 %", flush=True)
             run(_config(seed, True, 0.5, dense, scale), on, log=lambda m: None)
         eq = OUT / f"on_eqmem_s{seed}"
-        if not _done(eq):
-            target = json.loads((off / "report.json").read_text())["phases"]["final"]["memory_mbit"]
+        if "on_eqmem" in cells and not _done(eq):
+            target = memory_at(_config(seed, False, 0.5, None, scale), 0.5)  # the off cell's final memory
             s = equal_memory_sparsity(_config(seed, True, 0.5, dense, scale), target)
             print(f"[seed {seed}] on_eqmem: groups at {s:.2f} (memory of off: {target:.3f} Mbit)", flush=True)
             run(_config(seed, True, s, dense, scale), eq, log=lambda m: None)
@@ -178,11 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table-only", action="store_true", help="only summarize finished cells")
     ap.add_argument("--epochs-scale", type=float, default=1.0, help="shorten every phase (quick look only)")
+    ap.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
+                    help="only these cells (several processes can share the work once dense.pt exists)")
     args = ap.parse_args(argv)
     if args.table_only:
         table()
     else:
-        run_cells(args.seeds, args.epochs_scale)
+        run_cells(args.seeds, args.epochs_scale, tuple(args.cells))
     return 0
 
 
