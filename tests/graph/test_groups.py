@@ -424,3 +424,23 @@ def test_masked_convnext_export_is_refused_with_the_fix() -> None:
     calibrate(gm, tuple(x.shape))
     with pytest.raises(ExportError, match="physically smaller"):
         export_onnx(gm, x, "unused.onnx", allow_masked=True)
+
+
+class IdentityInBranch(nn.Module):
+    """conv -> BN -> Dropout -> Identity -> add: the member chain is seen through."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.ReLU())
+        self.branch = nn.Sequential(nn.Conv2d(6, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Dropout(0.1),
+                                    nn.Identity())
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.stem(x)
+        return self.head(F.relu(s + self.branch(s)))
+
+
+def test_member_chain_sees_through_identity_and_dropout() -> None:
+    gm, plan = _equivalent(randomize(IdentityInBranch()), torch.randn(2, 3, 8, 8))
+    assert _groups(plan)["group:stem.0"].members == ["branch.0"]

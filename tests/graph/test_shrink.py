@@ -200,3 +200,19 @@ def test_identity_and_dropout_inside_a_producer_chain() -> None:
     set_masks(gm)
     with torch.no_grad():
         assert _rel(shrink(gm)(x), gm(x)) < 1e-6
+
+
+class _Clamp(nn.Module):
+    def __init__(self, lo: float, hi: float) -> None:
+        super().__init__()
+        self.a, self.b, self.lo, self.hi = nn.Conv2d(3, 6, 3), nn.Conv2d(6, 2, 1), lo, hi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.nn.functional.hardtanh(torch.relu(self.a(x)), self.lo, self.hi))
+
+
+def test_functional_hardtanh_maps_zero_only_if_its_range_holds_zero() -> None:
+    x = torch.randn(2, 3, 8, 8)
+    assert [s.name for s in instrument(_Clamp(-1.0, 1.0), example_input=x)[1].sites] == ["a"]
+    _, plan = instrument(_Clamp(0.5, 1.0), example_input=x)  # after the mask, 0 -> 0.5: not removable
+    assert plan.sites == [] and "hardtanh" in plan.skipped["a"]

@@ -177,6 +177,10 @@ def _channel_param(t: torch.Tensor | None, channels: int, rank: int, last: bool)
 
 
 # ---------------------------------------------------------------------------------------- discovery
+#: ops inside a producer chain that keep every channel where it is (seen through)
+_SEE_THROUGH = frozenset({"identity", "dropout", "stochastic_depth"})
+
+
 def _producer_chain(gm: fx.GraphModule, act: fx.Node, calls: dict[str, int]):
     """``(layer_node, side, repeat, block)`` for ``act = act(ops(layer(x)))`` with private intermediates.
 
@@ -207,7 +211,7 @@ def _producer_chain(gm: fx.GraphModule, act: fx.Node, calls: dict[str, int]):
             r = m.upscale_factor if m is not None else int(arg(p, 1, "upscale_factor"))
             expand *= r * r
             p = p.args[0]
-        elif getattr(rule_of(gm, p), "name", None) in ("identity", "dropout", "stochastic_depth") and p.args:
+        elif getattr(rule_of(gm, p), "name", None) in _SEE_THROUGH and p.args:
             p = p.args[0]  # keeps every channel where it is: see through it
         else:
             break
@@ -920,13 +924,16 @@ def _member_chain(gm: fx.GraphModule, end: fx.Node, calls: dict[str, int]):
     side: list[tuple[str, int]] = []
     block = 1
     p = end
-    while isinstance(module_of(gm, p), SIDE_NORM_TYPES):
+    while True:
         m = module_of(gm, p)
-        if isinstance(m, nn.GroupNorm):
-            if m.num_groups == 1:
-                raise _Reject(f"{describe(gm, p)} normalizes across all channels")
-            block = math.lcm(block, m.num_channels // m.num_groups)
-        side.append((str(p.target), 1))
+        if isinstance(m, SIDE_NORM_TYPES):
+            if isinstance(m, nn.GroupNorm):
+                if m.num_groups == 1:
+                    raise _Reject(f"{describe(gm, p)} normalizes across all channels")
+                block = math.lcm(block, m.num_channels // m.num_groups)
+            side.append((str(p.target), 1))
+        elif not (_SEE_THROUGH & {getattr(rule_of(gm, p), "name", None)} and p.args):
+            break
         p = p.args[0]
         if not isinstance(p, fx.Node) or len(p.users) != 1:
             return None

@@ -610,7 +610,7 @@ def zero_of(rule: OpRule, m: nn.Module | None) -> bool:
     """Whether the op maps 0 to 0 (``m``: its module, for a module-dependent answer)."""
     z = rule.zero
     if callable(z):
-        return m is None or bool(z(m))  # function forms (F.hardtanh) count as zero-preserving
+        return m is None or bool(z(m))  # function forms: see is_zero_act (F.hardtanh's arguments)
     return bool(z)
 
 
@@ -675,7 +675,13 @@ def is_act(gm: fx.GraphModule, n: fx.Node) -> bool:
 
 def is_zero_act(gm: fx.GraphModule, n: fx.Node) -> bool:
     r = rule_of(gm, n)
-    return r is not None and r.flow == "act" and zero_of(r, module_of(gm, n))
+    if r is None or r.flow != "act":
+        return False
+    m = module_of(gm, n)
+    if m is None and r.name == "hardtanh":  # F.hardtanh(x, min_val, max_val): its arguments decide
+        lo, hi = arg(n, 1, "min_val", -1.0), arg(n, 2, "max_val", 1.0)
+        return isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo <= 0 <= hi
+    return zero_of(r, m)
 
 
 def is_pass(gm: fx.GraphModule, n: fx.Node) -> bool:
