@@ -14,7 +14,8 @@ import torch.nn.functional as F
 
 RECIPE = {
     "ordering": "joint",
-    "prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 4, "refresh": 2},
+    # groups on: sites and residual groups (one statistics row per point) are both reduced across ranks
+    "prune": {"sparsity": 0.5, "unit": "steps", "start": 2, "interval": 4, "refresh": 2, "groups": True},
     "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 0, "act_delay": 0},
 }
 
@@ -31,7 +32,7 @@ def _worker(rank: int, world: int, init: str, out: str, reduce: bool) -> None:
         from prunequant.train import compressor as cmod
 
         if not reduce:  # the control: rank-local statistics only
-            cmod._reduced_mean = lambda m: (m.mean_stat(), float(m.stat_count))
+            cmod._reduced_mean = lambda m: (m.mean_stat(), float(m.stat_count.max()))
             cmod._sync_act_stats = lambda aqs: None
         d = load_digits()
         x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -73,6 +74,7 @@ def test_two_ranks_end_with_identical_masks_and_quantizers(tmp_path: Path) -> No
     r0, r1 = _run(tmp_path, reduce=True)
     assert all(torch.equal(a, b) for a, b in zip(r0["masks"], r1["masks"]))
     assert all(int((m == 0).sum()) == m.numel() // 2 for m in r0["masks"])  # pruned to 50 %
+    assert any(s.dim() == 2 for s in r0["local"])  # the residual groups were pruned too
     assert all(torch.equal(a, b) for a, b in zip(r0["aq"], r1["aq"]))
     assert all(torch.equal(a, b) for a, b in zip(r0["w"], r1["w"]))  # DDP kept the weights in step
     # The ranks did see different data: their local (unreduced) statistics differ.

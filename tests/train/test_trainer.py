@@ -167,3 +167,12 @@ def test_distillation_changes_training(tmp_path: Path) -> None:
     b = torch.load(tmp_path / "kd" / "masked.pt", weights_only=True)
     w = next(k for k in a if k.endswith("weight.original"))
     assert not torch.equal(a[w], b[w])  # same data order and schedule: only the loss differs
+
+
+def test_a_schedule_longer_than_the_epochs_is_refused_before_training(tmp_path: Path) -> None:
+    from prunequant.recipe import RecipeError
+
+    cfg = _cfg(epochs=0.1, dense_epochs=50)  # 50 dense epochs would take minutes: the check comes first
+    with pytest.raises(RecipeError, match="raise train.epochs to at least"):
+        run(cfg, tmp_path / "run", log=lambda m: None)
+    assert not (tmp_path / "run" / "dense.pt").exists()

@@ -291,6 +291,20 @@ def _machine() -> dict[str, Any]:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
+def _check_schedule_fits(model: nn.Module, cfg: RunConfig, example: Tensor, spe: int,
+                         comp_steps: int) -> None:
+    """Before any training: the recipe instruments this model (patterns match, something is prunable)
+    and its schedule ends within ``train.epochs``. Uses a copy; the random state is untouched."""
+    probe = Compressor(copy.deepcopy(model), cfg.recipe, example, steps_per_epoch=spe)
+    if probe.total_steps_hint >= comp_steps:
+        raise RecipeError(
+            f"train.epochs: {cfg.train.epochs:g} epochs ({comp_steps} steps of {spe} per epoch) end "
+            f"before the compression schedule does (it needs {probe.total_steps_hint + 1} steps: "
+            f"{probe.timeline.as_dict()}); raise train.epochs to at least "
+            f"{math.ceil(100 * (probe.total_steps_hint + 1) / spe) / 100:g} or shorten the schedule "
+            "(prune.start / interval, quant.weight_delay / act_delay)")
+
+
 def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run dense training and compression; return the results.
 
@@ -330,6 +344,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
     example = next(iter(DataLoader(data.val if len(data.val) else data.train, batch_size=8)))[0].to(device)
     dense_steps = 0 if cfg.train.dense_checkpoint else int(round(cfg.train.dense_epochs * spe))
     comp_steps = max(1, int(round(cfg.train.epochs * spe)))
+    _check_schedule_fits(model, cfg, example, spe, comp_steps)
     bar = _Progress(dense_steps + comp_steps, cfg.train.progress)
     results: dict[str, Any] = {"phases": {}}
     timings: dict[str, float] = {}
@@ -364,13 +379,6 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
             for p in teacher.parameters():
                 p.requires_grad_(False)
         comp = Compressor(model, cfg.recipe, example, steps_per_epoch=spe)
-        if comp.total_steps_hint >= comp_steps:
-            raise RecipeError(
-                f"train.epochs: {cfg.train.epochs:g} epochs ({comp_steps} steps of {spe} per epoch) end "
-                f"before the compression schedule does (it needs {comp.total_steps_hint + 1} steps: "
-                f"{comp.timeline.as_dict()}); raise train.epochs to at least "
-                f"{math.ceil(100 * (comp.total_steps_hint + 1) / spe) / 100:g} or shorten the schedule "
-                "(prune.start / interval, quant.weight_delay / act_delay)")
         cmodel = comp.model
         snap: dict[str, Any] = {}
 
