@@ -1,4 +1,7 @@
-"""Find prunable channels in a traced model and instrument it with masks and quantizers.
+"""Find prunable channels in a traced model: sites and (with ``groups``) channel groups.
+
+How channels flow through each op comes from the op registry (:mod:`.ops`, ``flow_of``); this
+module walks the graph with it. Masks and quantizers are inserted by :mod:`.instrument`.
 
 A *site* is a prunable activation: the output of a producer chain
 ``conv/linear -> [BatchNorm | GroupNorm | InstanceNorm | PixelShuffle]* -> activation`` whose every use
@@ -23,6 +26,13 @@ Structural constraints travel with each site (:attr:`Site.block`, :attr:`Site.pa
 masks computed for it keep the smaller network valid: blocks of channels that must go together
 (GroupNorm groups, PixelShuffle blocks) and partitions that must lose the same number of channels
 (groups of grouped convs, pieces of a split).
+
+Also followed: per-channel PReLU and BatchNorm / InstanceNorm reading exactly the site's channels
+(they lose them too; the mask is applied again after a norm), and linear layers over channels-last
+tensors (``[N, ..., C]``: the site's channels are on the last dim, :attr:`Site.dim` -1). With
+``groups`` (:func:`discover_groups`) tensors joined by residual adds / gating products are pruned
+together, across layout permutes, with LayerNorms over the channels computed on the kept ones (see
+:mod:`.masking`), and outputs without activation (linear bottlenecks) are sites.
 """
 
 from __future__ import annotations
