@@ -98,29 +98,42 @@ def equal_memory_sparsity(cfg_on: RunConfig, target: float) -> float:
     return min(grid, key=lambda s: abs(memory_at(cfg_on, s) - target))
 
 
+def _run_cell(cfg: RunConfig, out: Path) -> None:
+    """One ``prunequant run`` (what the CLI does): train, then report.json / summary.md, recorded last."""
+    from prunequant.report import write_report
+    from prunequant.runfolder import RunFolder
+    from prunequant.train.trainer import run
+
+    results = run(cfg, out, log=lambda m: None)
+    write_report({"config": cfg.to_dict(), **results}, out)
+    RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+
+
 def run_cells(seeds: list[int], scale: float, cells: tuple[str, ...] = CELLS) -> None:
     """Run the missing cells; ``on`` / ``on_eqmem`` need the ``off`` cell's dense.pt (they can run in
     other processes once it is written)."""
-    from prunequant.train.trainer import run
-
     for seed in seeds:
         off = OUT / f"off_s{seed}"
         if "off" in cells and not _done(off):
-            print(f"[seed {seed}] off: training dense + compressing", flush=True)
-            run(_config(seed, False, 0.5, None, scale), off, log=lambda m: None)
+            # An interrupted off cell's dense.pt (listed in its manifest) is the same dense network:
+            # the run continues from it exactly as a run loading it through train.dense_checkpoint.
+            ckpt = off / "dense.pt" if (off / "dense.pt").exists() else None
+            print(f"[seed {seed}] off: {'from its dense.pt' if ckpt else 'training dense'} + compressing",
+                  flush=True)
+            _run_cell(_config(seed, False, 0.5, ckpt, scale), off)
         dense = off / "dense.pt"
         if not dense.exists():
             raise SystemExit(f"{dense} is missing: run the off cell of seed {seed} first")
         on = OUT / f"on_s{seed}"
         if "on" in cells and not _done(on):
             print(f"[seed {seed}] on: groups at 50 %", flush=True)
-            run(_config(seed, True, 0.5, dense, scale), on, log=lambda m: None)
+            _run_cell(_config(seed, True, 0.5, dense, scale), on)
         eq = OUT / f"on_eqmem_s{seed}"
         if "on_eqmem" in cells and not _done(eq):
             target = memory_at(_config(seed, False, 0.5, None, scale), 0.5)  # the off cell's final memory
             s = equal_memory_sparsity(_config(seed, True, 0.5, dense, scale), target)
             print(f"[seed {seed}] on_eqmem: groups at {s:.2f} (memory of off: {target:.3f} Mbit)", flush=True)
-            run(_config(seed, True, s, dense, scale), eq, log=lambda m: None)
+            _run_cell(_config(seed, True, s, dense, scale), eq)
         table()
 
 
@@ -168,8 +181,9 @@ def table() -> dict:
             f"| {ms([r['macs'] / 1e6 for r in rs], '.2f')} | {ms([r['bops'] / 1e9 for r in rs], '.3f')} "
             f"| {ms([r['shrink_argmax'] for r in rs], '.4f')} |")
     cpu = cpu_features()
+    command = " ".join([".venv/bin/python", "benchmarks/groups_main.py", *sys.argv[1:]])
     head = (f"Measured on {cpu.name} ({cpu.brand}), torch {torch.__version__}, recipe {RECIPE.name}; "
-            "command: `.venv/bin/python benchmarks/groups_main.py --seeds 0 1 2`.\n\n")
+            f"command: `{command}`.\n\n")
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "groups.md").write_text(head + "\n".join(lines) + "\n")
     out = {"cpu": cpu.as_dict(), "torch": torch.__version__, "recipe": RECIPE.name, "cells": rows}
@@ -179,13 +193,16 @@ def table() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global OUT
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table-only", action="store_true", help="only summarize finished cells")
     ap.add_argument("--epochs-scale", type=float, default=1.0, help="shorten every phase (quick look only)")
+    ap.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
     ap.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
                     help="only these cells (several processes can share the work once dense.pt exists)")
     args = ap.parse_args(argv)
+    OUT = args.out
     if args.table_only:
         table()
     else:
