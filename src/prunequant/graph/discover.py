@@ -816,7 +816,7 @@ def _lone_end(gm: fx.GraphModule, n: fx.Node, calls: dict[str, int]):
         return None
 
 
-def _ln_owner(n: fx.Node) -> str:
+def _ln_owner(n: fx.Node) -> str | None:
     """The module holding a LayerNorm's parameters (``nn.LayerNorm`` called, or ``F.layer_norm`` whose
     weight is read from a module, e.g. torchvision's ``LayerNorm2d``)."""
     if n.op == "call_module":
@@ -824,7 +824,7 @@ def _ln_owner(n: fx.Node) -> str:
     w = arg(n, 2, "weight")
     if isinstance(w, fx.Node) and w.op == "get_attr":
         return str(w.target).rpartition(".")[0]
-    return f"<{n.name}>"  # no parameters: nothing to slice
+    return None  # no parameters: nothing to slice
 
 
 def _remasks(gm: fx.GraphModule, walk: Walk) -> list[tuple[fx.Node, bool]]:
@@ -840,7 +840,8 @@ def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], produce
     owned += [str(t.target) for t, _, _ in walk.folds]
     owned += [str(s.target) for _, sd, _ in walk.folds for s in sd]
     owned += [str(n.target) for n in walk.channelwise] + [str(n.target) for n in walk.tied_ln]
-    owned += [_ln_owner(n) for n in walk.layer_norms] + walk.params
+    owners = [o for o in map(_ln_owner, walk.layer_norms) if o is not None]
+    owned += owners + walk.params
     if any(o in claimed for o in owned) or len(set(owned)) != len(owned):
         return "coupled: shares a depthwise conv, gate or norm with another site"
     if not walk.taps and not walk.tied and not walk.folds:
@@ -866,7 +867,7 @@ def _finish(site: Site, walk: Walk, bounds: set[int], claimed: set[str], produce
     site.tied_norms += [str(s.target) for _, sd, _ in walk.folds for s in sd]
     site.tied_norms += [str(n.target) for n in walk.channelwise]
     site.tied += [str(n.target) for n in walk.tied_ln]
-    site.layer_norms = [_ln_owner(n) for n in walk.layer_norms]
+    site.layer_norms = owners
     site.params = list(walk.params)
     site.folds = [(str(t.target), [str(n.target) for n in sd], [str(c.target) for c in cs])
                   for t, sd, cs in walk.folds]

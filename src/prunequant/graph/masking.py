@@ -10,8 +10,7 @@ physically smaller network computes (:func:`prunequant.graph.shrink` turns it ba
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-from torch import fx, nn
+from torch import fx
 
 from ..prune.mask import masked_layer_norm
 from .ops import arg
@@ -46,22 +45,4 @@ def place_mask(gm: fx.GraphModule, site: Site, inserts: list[tuple], layer_norms
         graph.erase_node(ln)
 
 
-def unmask_layer_norm(gm: fx.GraphModule, node: fx.Node, kept: list[int]) -> None:
-    """Shrink: a :func:`masked_layer_norm` node becomes ``F.layer_norm`` over the ``kept`` channels, its
-    parameters (``get_attr`` of a LayerNorm module's weight / bias) sliced to them."""
-    x, _, w, b, eps, mask = node.args
-    for p in (w, b):
-        if isinstance(p, fx.Node):
-            owner_name, _, attr = str(p.target).rpartition(".")
-            owner = gm.get_submodule(owner_name)
-            old = getattr(owner, attr)
-            setattr(owner, attr, nn.Parameter(old.detach()[kept].clone(), requires_grad=old.requires_grad))
-            if hasattr(owner, "normalized_shape"):
-                owner.normalized_shape = (len(kept),)
-    node.target = F.layer_norm
-    node.args = (x, (len(kept),), w, b, eps)
-    if isinstance(mask, fx.Node) and not mask.users:
-        gm.graph.erase_node(mask)
-
-
-__all__ = ["place_mask", "unmask_layer_norm"]
+__all__ = ["place_mask"]

@@ -72,8 +72,7 @@ class Site:
     @property
     def channel_modules(self) -> list[str]:
         """Non-layer modules with per-channel parameters that shrink with the site."""
-        lns = [n for n in self.layer_norms if not n.startswith("<")]  # "<node>": no parameters
-        return [n for n, _ in self.side] + list(self.tied_norms) + lns
+        return [n for n, _ in self.side] + list(self.tied_norms) + list(self.layer_norms)
 
     @property
     def producers(self) -> list[str]:

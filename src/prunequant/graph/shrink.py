@@ -27,13 +27,13 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
 from ..errors import GraphError
 from ..prune.mask import ChannelMask, masked_layer_norm
 from .instrument import weight_quantizer
-from .masking import unmask_layer_norm
 from .ops import CONV_TYPES, CONVT_TYPES, INSTANCE_NORM_TYPES, NORM_TYPES
 from .plan import Plan, Site, Tap, kept_positions
 
@@ -215,6 +215,24 @@ def _fold(gm, plan, site: Site, mask: torch.Tensor, dw: str, norms: list[str], c
             m.bias = nn.Parameter(delta.clone())
 
 
+def _unmask_layer_norm(gm: fx.GraphModule, node: fx.Node, kept: list[int]) -> None:
+    """A :func:`~prunequant.prune.mask.masked_layer_norm` node becomes ``F.layer_norm`` over the
+    ``kept`` channels, its parameters (``get_attr`` of a LayerNorm module's weight / bias) sliced."""
+    x, _, w, b, eps, mask = node.args
+    for p in (w, b):
+        if isinstance(p, fx.Node):
+            owner_name, _, attr = str(p.target).rpartition(".")
+            owner = gm.get_submodule(owner_name)
+            old = getattr(owner, attr)
+            setattr(owner, attr, _param(old, old.detach()[kept]))
+            if hasattr(owner, "normalized_shape"):
+                owner.normalized_shape = (len(kept),)
+    node.target = F.layer_norm
+    node.args = (x, (len(kept),), w, b, eps)
+    if isinstance(mask, fx.Node) and not mask.users:
+        gm.graph.erase_node(mask)
+
+
 def _expand(idx: torch.Tensor, k: int) -> torch.Tensor:
     """Channel indices -> indices of the ``k`` consecutive channels each one stands for."""
     if k == 1:
@@ -328,7 +346,7 @@ def shrink(model: fx.GraphModule, inplace: bool = False) -> fx.GraphModule:
             _rewrite(graph, node, rw, masks)
         elif node.op == "call_function" and node.target is masked_layer_norm:
             s = by_mask[str(node.args[5].target)]
-            unmask_layer_norm(gm, node, (masks[s.name] != 0).nonzero().flatten().tolist())
+            _unmask_layer_norm(gm, node, (masks[s.name] != 0).nonzero().flatten().tolist())
         elif node.op == "call_module" and node.target in mask_targets:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
