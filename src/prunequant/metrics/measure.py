@@ -28,6 +28,7 @@ and 2 bits, docs/export.md), so they are reported separately:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -218,3 +219,111 @@ def _norm_channels(m: nn.Module) -> int:
     if getattr(m, "num_features", None):
         return int(m.num_features)
     return int(getattr(m, "num_channels", 0) or 0)
+
+
+@torch.no_grad()
+def measure_module(model: nn.Module, example_input: Tensor, weight_bits: int = FLOAT_BITS,
+                   act_bits: int = FLOAT_BITS,
+                   layer_bits: Mapping[str, tuple[int | None, int | None]] | None = None,
+                   keep: Mapping[str, tuple[float, float]] | None = None) -> Measurement:
+    """Cost of a plain ``nn.Module`` (no prunequant instrumentation) at given bit-widths (METHOD §6).
+
+    For models quantized or pruned by other tools (qsparse, Brevitas, Torch-Pruning): measure the
+    float network of the same shapes and say which bits each layer would have.
+
+    Args:
+        model: the network; conv / linear layers (:data:`LAYER_TYPES`) are counted.
+        example_input: a batch; its first sample is used.
+        weight_bits / act_bits: bits of every layer's weights and of the tensor entering it.
+        layer_bits: ``{layer name: (weight bits, input bits)}`` overrides; ``None`` keeps the default.
+        keep: for masked (not physically smaller) models, ``{name: (in fraction, out fraction)}`` of
+            channels that remain: for a conv / linear layer its input and output channels (a depthwise
+            layer uses the output fraction only); any other module's own parameters (e.g. a BatchNorm)
+            count times the second number.
+
+    Definitions are :func:`measure`'s: ``weight_mbit`` counts conv / linear weight elements x bits,
+    ``act_mbit`` the elements of every distinct tensor entering a conv / linear layer x the bits of
+    the first layer reading it, ``params`` every parameter (layers and ``keep`` modules scaled).
+    The folded scale / bias numbers (``scale_bias_mbit``) are not computed here (0).
+    """
+    layer_bits = dict(layer_bits or {})
+    keep = dict(keep or {})
+    names = {m: n for n, m in model.named_modules()}
+    unknown = [n for n in list(layer_bits) + list(keep) if n not in names.values()]
+    if unknown:
+        raise ValueError(f"measure_module: no module named {unknown[0]!r} in the model")
+    records: list[LayerCost] = []
+    seen_inputs: set[tuple] = set()
+    alive: list[Tensor] = []
+
+    def hook(mod: nn.Module, inp: tuple, out: Tensor) -> None:
+        name = names[mod]
+        x = inp[0]
+        fin, fout = keep.get(name, (1.0, 1.0))
+        w = mod.weight
+        if isinstance(mod, nn.Linear):
+            dense_macs = w.numel() * (out.numel() // out.shape[-1])
+        elif isinstance(mod, CONVT_TYPES):
+            dense_macs = w.numel() * x[0].numel() // x.shape[1]
+        else:
+            dense_macs = w.numel() * (out[0].numel() // out.shape[1])
+        depthwise = getattr(mod, "groups", 1) > 1 and mod.groups == getattr(mod, "in_channels", -1)
+        frac = fout if depthwise else fin * fout
+        wb, ab = layer_bits.get(name, (None, None))
+        wb = weight_bits if wb is None else wb
+        ab = act_bits if ab is None else ab
+        key = (x.data_ptr(), tuple(x.shape))
+        act_el = 0 if key in seen_inputs else round(x[0].numel() * fin)
+        seen_inputs.add(key)
+        alive.extend((x, out))
+        records.append(LayerCost(name, round(dense_macs * frac), round(w.numel() * frac), int(wb), int(ab),
+                                 act_el, fin, fout))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, LAYER_TYPES)]
+    try:
+        with eval_mode(model):
+            model(example_input[:1])
+    finally:
+        for h in handles:
+            h.remove()
+
+    by_name = {r.name: r for r in records}
+    params = 0
+    for n, m in model.named_modules():
+        own = list(m.parameters(recurse=False))
+        if n in by_name:
+            r = by_name[n]
+            for p in own:
+                params += r.weights if p is m.weight else round(p.numel() * r.out_fraction)
+        elif n in keep:
+            params += sum(round(p.numel() * keep[n][1]) for p in own)
+        else:
+            params += sum(p.numel() for p in own)
+    macs = sum(r.macs for r in records)
+    bops = sum(r.macs * r.weight_bits * r.act_bits for r in records)
+    wmbit = sum(r.weights * r.weight_bits for r in records) / 1e6
+    ambit = sum(r.act_elements * r.act_bits for r in records) / 1e6
+    return Measurement(params=int(params), macs=int(macs), bops=int(bops), weight_mbit=wmbit,
+                       act_mbit=ambit, memory_mbit=wmbit + ambit, layers=records)
+
+
+def count_levels(values: Tensor, scale: Tensor | float | None = None, axis: int = 0) -> int:
+    """Number of distinct quantization levels a quantized tensor actually uses.
+
+    Without ``scale``: the number of distinct values (a per-tensor quantized tensor, e.g. an
+    activation). With ``scale`` (per channel along ``axis``, or one number): the number of distinct
+    integer codes ``round(values / scale)``, so per-channel quantized weights whose channels use the
+    codes -8..7 count 16 however many distinct float values the channels make together.
+    """
+    v = values.detach().float()
+    if scale is not None:
+        s = torch.as_tensor(scale, dtype=v.dtype, device=v.device)
+        if s.numel() > 1:
+            shape = [1] * v.dim()
+            shape[axis] = -1
+            s = s.reshape(shape)
+        else:
+            s = s.reshape(())
+        v = torch.round(v / s)
+    v = v[~torch.isnan(v)]
+    return int(torch.unique(v).numel())
