@@ -47,6 +47,14 @@ def n_pruned(sparsity: float, channels: int) -> int:
     return min(int(math.floor(sparsity * channels + 1e-9)), channels - 1)
 
 
+def importance_order(scores: Tensor) -> Tensor:
+    """Channel indices from the most to the least important: the reverse of the order in which
+    :func:`mask_from_scores` removes channels (lowest score first; among equal scores the lower index
+    first), so the ``k`` channels it keeps are the first ``k`` of this order (with ``block = parts = 1``)."""
+    s = scores.detach().reshape(-1).to(torch.float64)
+    return torch.sort(s, stable=True).indices.flip(0)
+
+
 def mask_from_scores(
     scores: Tensor,
     sparsity: float,

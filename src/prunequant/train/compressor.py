@@ -279,6 +279,21 @@ class Compressor:
             return torch.stack([self._weight_l1(p) for p in self.plan.sites[i].producers]).mean(dim=0)
         return self._rng_scores[i]
 
+    def importance(self, i: int) -> Tensor:
+        """Importance of site ``i``'s channels by the recipe's measure, as a mask update ranks them:
+        the mean statistic its :class:`~prunequant.prune.mask.ChannelMask` has gathered since its last
+        reset (A-L1 / A-L0), or its producers' weights (W-L1). Reads state only; used by
+        :mod:`prunequant.train.analyze`."""
+        return self._scores(i)
+
+    def mask_for(self, i: int, sparsity: float, scores: Tensor | None = None) -> Tensor:
+        """The keep-mask (float 0/1) the schedule would set for site ``i`` at ``sparsity`` from
+        ``scores`` (default: :meth:`importance`), honouring the site's blocks / partitions and
+        ``prune.round_to``."""
+        site = self.plan.sites[i]
+        return mask_from_scores(self._scores(i) if scores is None else scores, sparsity,
+                                round_to=self.recipe.prune.round_to, block=site.block, parts=site.parts)
+
     def _weight_l1(self, layer: str) -> Tensor:
         """Mean |w| of each output channel of ``layer`` (W-L1)."""
         w = raw_weight(self.model.get_submodule(layer)).detach()
@@ -303,10 +318,7 @@ class Compressor:
                     m.reset_stats()
                     m.collecting.fill_(True)
                 if ev.update is not None:
-                    site = self.plan.sites[i]
-                    new = mask_from_scores(self._scores(i), ev.update, round_to=self.recipe.prune.round_to,
-                                           block=site.block, parts=site.parts)
-                    m.mask.copy_(new.to(m.mask.device))
+                    m.mask.copy_(self.mask_for(i, ev.update).to(m.mask.device))
                 if ev.reset_after:
                     m.reset_stats()
                 if ev.freeze:
