@@ -189,3 +189,101 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> dict[str, Path
     plot_accuracy_memory(results, out / "accuracy_memory.png")
     paths["accuracy_memory_plot"] = out / "accuracy_memory.png"
     return paths
+
+
+# ---------------------------------------------------------------------------- ranking analysis
+SECTION_BEGIN = "<!-- prunequant analyze: begin -->"
+SECTION_END = "<!-- prunequant analyze: end -->"
+
+
+def ranking_summary_markdown(analysis: dict[str, Any], image: str | None = None) -> str:
+    """The ``summary.md`` section of ``prunequant analyze``: per measure and preceding sparsity, the mean
+    Kendall tau, edit distance and kept overlap, and the one-sentence reading."""
+    from ..train.analyze import LABELS
+
+    d = analysis.get("data", {})
+    sites = analysis["sites"]
+    n_pred = sum(1 for s in sites if s["predecessor"] is not None)
+    lines = [
+        SECTION_BEGIN,
+        "## Ranking analysis (`prunequant analyze`)",
+        "",
+        f"Each layer's channel ranking measured with the layer before it dense vs pruned at s (its mask "
+        f"chosen by the same measure), on the first {d.get('calibration_images', '?'):,} training images "
+        f"(BatchNorm in {analysis.get('mode', '?')} mode); {n_pred} of {len(sites)} pruned layers have a "
+        "preceding layer. tau: Kendall's tau-a against the dense ranking (1 = same order); edit: "
+        "Levenshtein distance between the rank sequences (channels; / n: over the layer's channel "
+        "count); overlap: share of the channels kept at the layer's own target that stay kept.",
+        "",
+        "| measure | preceding sparsity | mean tau | min tau | mean edit | mean edit / n | mean overlap |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def f(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    for m in analysis["measures"]:
+        for s in analysis["sparsities"]:
+            r = analysis["summary"][m][f"{s:g}"]
+            lines.append(f"| {LABELS.get(m, m)} | {100 * s:g} % | {f(r['mean_tau'], '.3f')} | "
+                         f"{f(r['min_tau'], '.3f')} | {f(r['mean_edit_distance'], '.1f')} | "
+                         f"{f(r['mean_edit_distance_norm'], '.2f')} | {f(r['mean_kept_overlap'], '.2f')} |")
+    lines += ["", analysis.get("reading", "")]
+    if image:
+        lines += ["", f"![Kendall tau per layer and preceding sparsity]({image})"]
+    lines.append(SECTION_END)
+    return "\n".join(lines) + "\n"
+
+
+def put_section(path: str | Path, section: str) -> Path:
+    """Append ``section`` to the markdown file ``path`` (atomically), replacing an earlier section
+    between the same markers; creates the file when missing."""
+    p = Path(path)
+    text = p.read_text() if p.is_file() else ""
+    a, b = text.find(SECTION_BEGIN), text.find(SECTION_END)
+    if a >= 0 and b > a:
+        text = text[:a] + section + text[b + len(SECTION_END):].lstrip("\n")
+    else:
+        text = (text.rstrip("\n") + "\n\n" if text.strip() else "") + section
+    return atomic_write_text(p, text)
+
+
+def plot_ranking_heatmap(analysis: dict[str, Any], path: str | Path) -> None:
+    """Kendall tau heatmap: rows the pruned layers, columns the preceding layer's sparsity, one panel
+    per measure (grey: no preceding layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from ..train.analyze import LABELS
+
+    measures, sps, sites = analysis["measures"], analysis["sparsities"], analysis["sites"]
+    fig, axes = plt.subplots(1, len(measures), squeeze=False,
+                             figsize=(1.2 + 2.4 * len(measures), 1.6 + 0.32 * len(sites)))
+    im = None
+    for ax, m in zip(axes[0], measures):
+        vals = np.full((len(sites), len(sps)), np.nan)
+        for i, site in enumerate(sites):
+            pre = site["measures"][m]["preceding"]
+            for j, s in enumerate(sps):
+                t = pre[f"{s:g}"]["tau"] if pre else None
+                vals[i, j] = np.nan if t is None else t
+        cmap = matplotlib.colormaps["RdYlGn"].copy()
+        cmap.set_bad("#dddddd")
+        im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
+        for i in range(len(sites)):
+            for j in range(len(sps)):
+                ax.text(j, i, "n/a" if np.isnan(vals[i, j]) else f"{vals[i, j]:.2f}", ha="center",
+                        va="center", fontsize=7)
+        ax.set_xticks(range(len(sps)))
+        ax.set_xticklabels([f"{100 * s:g} %" for s in sps], fontsize=8)
+        ax.set_xlabel("preceding layer pruned")
+        ax.set_title(LABELS.get(m, m), fontsize=10)
+        ax.set_yticks(range(len(sites)))
+        ax.set_yticklabels([s["name"] for s in sites] if ax is axes[0][0] else [], fontsize=7)
+    fig.suptitle("Kendall tau vs the dense ranking", fontsize=10)
+    fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label="tau")
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png", bbox_inches="tight"))
+    plt.close(fig)
