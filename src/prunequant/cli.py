@@ -1,6 +1,7 @@
 """Command line: ``prunequant run [--config recipe.yaml] [--out DIR] [--set key=value ...]``.
 
-With no arguments, runs the default run (``prunequant.config.default_config()``, which is
+Also ``prunequant export RUN_DIR`` and ``prunequant analyze RUN_DIR`` (the ranking analysis).
+``run`` with no arguments runs the default run (``prunequant.config.default_config()``, which is
 ``RunConfig()``); a ``--config`` file changes exactly the fields it names.
 Configuration problems print one clear message (the field and what is allowed) and exit with 2.
 """
@@ -8,6 +9,8 @@ Configuration problems print one clear message (the field and what is allowed) a
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -194,6 +197,106 @@ def _read_report(report: Path) -> tuple[RunConfig, tuple[int, int, int], int]:
     return cfg, (shape[0], shape[1], shape[2]), classes
 
 
+def _check_analysis_out(out: Path) -> None:
+    """``--out`` of ``analyze``: a folder that is or can be made, writable."""
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {out}: is an existing file, not a folder (nothing was written)")
+    anc = out
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise RecipeError(f"--out {out}: {anc} is a file, so no folder can be made under it (nothing was "
+                          "written)")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise RecipeError(f"--out {out}: cannot write into {anc} (permission denied)")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """``prunequant analyze RUN_DIR`` / ``--config FILE``: how a layer's channel ranking depends on the
+    sparsity of the layer before it (METHOD section 7)."""
+    from .models import build_model
+    from .train.analyze import check_measures, check_sparsities, run_analysis, write_analysis
+    from .train.trainer import load_data, load_dense_checkpoint, load_dense_state
+    from .utils import load_tensor_file, sha256_file
+
+    # Every input is checked before anything is loaded or written.
+    measures = check_measures(args.measures)
+    sparsities = check_sparsities(args.sparsities)
+    if args.calib < 1:
+        raise RecipeError(f"--calib: must be a positive number of images (got {args.calib})")
+    if (args.run_dir is None) == (args.config is None):
+        raise RecipeError("analyze: give a run folder (prunequant analyze RUN_DIR) or a configuration "
+                          "(prunequant analyze --config FILE.yaml --out DIR), not both or neither")
+    run_dir: Path | None = None
+    if args.run_dir is not None:
+        from .runfolder import verify_run
+
+        if args.set:
+            raise RecipeError("--set changes a --config configuration; a run folder is analysed with the "
+                              "configuration it ran with")
+        run_dir = Path(args.run_dir)
+        if not run_dir.is_dir():
+            what = "is a file, not a folder" if run_dir.exists() else "no such folder"
+            raise RecipeError(f"{run_dir}: {what}; pass the --out folder of a finished `prunequant run`")
+        if not (run_dir / "report.json").is_file():
+            raise RecipeError(f"{run_dir}: no report.json here; pass the --out folder of a finished "
+                              "`prunequant run`")
+        files = verify_run(run_dir, required=("report.json",))
+        cfg, shape, num_classes = _read_report(run_dir / "report.json")
+        rep_data = json.loads((run_dir / "report.json").read_text())["data"]
+        if "dense.pt" in files:
+            dense_path = run_dir / "dense.pt"
+            state = load_tensor_file(dense_path, RecipeError, str(dense_path))
+        elif cfg.train.dense_checkpoint:  # the run loaded its dense network from another run's dense.pt
+            dense_path = Path(cfg.train.dense_checkpoint)
+            state = load_dense_checkpoint(str(dense_path))
+        else:
+            raise RecipeError(f"{run_dir}: its manifest lists no dense.pt and the run did not load a "
+                              "train.dense_checkpoint, so its dense network is not available")
+        out = Path(args.out) if args.out else run_dir / "analysis"
+        summary = run_dir / "summary.md"
+    else:
+        cfg = build_config(args.config, args.set or [])
+        if not cfg.train.dense_checkpoint:
+            raise RecipeError(f"--config {args.config}: train.dense_checkpoint is not set; analyze reads a "
+                              "trained dense network (a run's dense.pt) and does not train one: set it "
+                              "(--set train.dense_checkpoint=RUN/dense.pt) or analyze the run folder")
+        if not args.out:
+            raise RecipeError("analyze --config needs --out DIR (where ranking.json and the heatmap go)")
+        dense_path = Path(cfg.train.dense_checkpoint)
+        state = load_dense_checkpoint(str(dense_path))
+        out = Path(args.out)
+        summary = out / "summary.md"
+        rep_data, shape, num_classes = None, None, None
+    _check_analysis_out(out)
+    if args.no_progress:
+        cfg.train.progress = False
+    data = load_data(cfg, log=lambda m: print(m, file=sys.stderr))
+    if rep_data is not None and (data.name != rep_data.get("name")
+                                 or [data.in_channels, data.image_size, data.image_size] != list(shape)
+                                 or data.num_classes != num_classes):
+        raise RecipeError(f"{run_dir}: the run trained on {rep_data.get('name')} {list(shape)} with "
+                          f"{num_classes} classes, but its configuration loads {data.name} "
+                          f"{[data.in_channels, data.image_size, data.image_size]} with {data.num_classes} "
+                          "classes here (data.root or the installed dataset differ)")
+    try:
+        model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                            image_size=data.image_size, width=cfg.model.width)
+    except ValueError as e:
+        raise RecipeError(f"model: {cfg.model.name} cannot be built for {data.name}: {e}") from None
+    load_dense_state(model, state, cfg, data.name)
+    print(f"prunequant {__version__}: ranking analysis of {cfg.model.name} ({dense_path}) on the first "
+          f"{min(args.calib, len(data.train)):,} training images of {data.name} -> {out}", flush=True)
+    source = {"run_dir": str(run_dir) if run_dir else None, "config": args.config,
+              "dense": str(dense_path), "dense_sha256": sha256_file(dense_path)}
+    analysis = run_analysis(cfg, model, data, calib=args.calib, measures=measures, sparsities=sparsities,
+                            mode=args.mode, progress=cfg.train.progress, source=source)
+    paths = write_analysis(analysis, out, summary, run_dir=run_dir)
+    print(analysis["reading"])
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for tests and docs)."""
     p = argparse.ArgumentParser(prog="prunequant", description=__doc__.splitlines()[0])
@@ -218,6 +321,26 @@ def make_parser() -> argparse.ArgumentParser:
                         "test set; prints agreement, max abs diff, the CPU's features and a warning when "
                         "its 8-bit kernels saturate")
     e.set_defaults(func=cmd_export)
+    a = sub.add_parser("analyze", help="how each layer's channel ranking changes with the preceding layer's "
+                                       "sparsity (Kendall tau, edit distance, kept overlap)")
+    a.add_argument("run_dir", nargs="?",
+                   help="the --out folder of a finished `prunequant run` (its dense network is analysed)")
+    a.add_argument("--config", help="instead of a run: a YAML run configuration whose "
+                                    "train.dense_checkpoint names the dense network")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a --config field (repeatable)")
+    a.add_argument("--calib", type=int, default=1024,
+                   help="calibration images: the first N of the training split (default 1024)")
+    a.add_argument("--sparsities", nargs="+", default=["0.25", "0.5", "0.75"], metavar="S",
+                   help="preceding-layer sparsities in (0, 1) (default 0.25 0.5 0.75)")
+    a.add_argument("--measures", nargs="+", default=["a_l1", "a_l0", "w_l1"], metavar="M",
+                   help="importance measures: a_l1 (the paper's), a_l0, w_l1 (default: all three)")
+    a.add_argument("--mode", choices=["train", "eval"], default="train",
+                   help="BatchNorm while statistics gather: train (batch statistics, as the compressor "
+                        "gathers them; default) or eval (running statistics)")
+    a.add_argument("--out", help="output folder (default RUN_DIR/analysis; required with --config)")
+    a.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a.set_defaults(func=cmd_analyze)
     return p
 
 

@@ -270,8 +270,7 @@ def plot_ranking_heatmap(analysis: dict[str, Any], path: str | Path) -> None:
             for j, s in enumerate(sps):
                 t = pre[f"{s:g}"]["tau"] if pre else None
                 vals[i, j] = np.nan if t is None else t
-        cmap = matplotlib.colormaps["RdYlGn"].copy()
-        cmap.set_bad("#dddddd")
+        cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="#dddddd")
         im = ax.imshow(np.ma.masked_invalid(vals), cmap=cmap, vmin=-1, vmax=1, aspect="auto")
         for i in range(len(sites)):
             for j in range(len(sps)):
