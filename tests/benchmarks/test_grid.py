@@ -31,7 +31,8 @@ def load_script():
 
 
 grid = load_script()
-QUICK = ["--quick", "--no-progress", "--poll", "0.2"]
+# scikit-learn's 8x8 digits (always there, ~10x cheaper per step than 28x28): the --set reaches every cell.
+QUICK = ["--quick", "--no-progress", "--poll", "0.2", "--set", "data.name=digits"]
 
 
 def _sleeper() -> subprocess.Popen:
@@ -102,6 +103,7 @@ def test_quick_grid_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         assert c["dense_accuracy"] == rep["phases"]["dense"]["accuracy"]
         assert math.isclose(c["density"], c["accuracy"] / c["memory_mbit"])
         assert grid.QUICK_NOTE in c["note"] and c["levels"] is None
+        assert rep["data"]["name"] == "digits" and rep["data"]["train"] == 128 and rep["data"]["test"] == 100
     assert {c["family"] for c in cells.values()} == {"prunequant", "width"}
 
     # One dense network per seed: trained once in dense_s0, loaded by every compressed cell.
@@ -196,6 +198,7 @@ def test_cell_schema() -> None:
         ({**good, "id": "peer_demo"}, "must end in _s0"),
         ({**good, "accuracy": 120.0, "density": 240.0}, "accuracy"),
         ({**good, "levels": {"weights": 3}}, "levels"),
+        ({**good, "levels": {"weights": 3, "acts": -1}}, "levels"),
         ({**good, "memory_mbit": 0.0, "density": 0.0}, "memory_mbit"),
         ({**good, "seed": True}, "seed"),
     ]
@@ -259,3 +262,37 @@ def test_select_and_pareto() -> None:
     assert [c.id for c in only] == ["dense_s0"] + [f"pq_random_{s}_75_W4A4_s0" for s in grid.SCHEDULES]
     points = {"a": (1.0, 50.0), "b": (2.0, 40.0), "c": (3.0, 60.0), "d": (1.0, 45.0)}
     assert grid.pareto_front(points) == ["a", "c"]
+
+
+def test_failures_do_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prunequant.recipe import RecipeError
+    from prunequant.runfolder import RunFolder
+
+    base = {"model": {"name": "resnet20", "width": 1.0}}
+    calls: list[str] = []
+
+    def broken(cfg, folder, log):
+        calls.append(folder.name)
+        raise RuntimeError("boom")
+
+    # A dense cell that fails: its dependents are not run (and not waited for), every lock is released.
+    monkeypatch.setattr(grid, "run_cell", broken)
+    cells = grid.select_cells(["quick"], [0], only=["pq_a_l1_*"])
+    res = grid.run_grid(cells, base, tmp_path, poll=0.01, max_wait=5, log=lambda m: None)
+    assert calls == ["dense_s0"]
+    assert res["failed"] == ["dense_s0", "pq_a_l1_layerwise_75_W4A4_s0"] and not res["waiting"]
+    assert not list((tmp_path / "locks").iterdir())
+
+    # The dense network not readable for a moment (its manifest being rewritten): tried once more.
+    calls.clear()
+    RunFolder(tmp_path / "dense_s0").save_tensors("dense.pt", {})
+    assert grid.dense_ready(tmp_path, 0)
+
+    def unreadable(cfg, folder, log):
+        calls.append(folder.name)
+        raise RecipeError(f"train.dense_checkpoint: {cfg.train.dense_checkpoint} is not listed")
+
+    monkeypatch.setattr(grid, "run_cell", unreadable)
+    pq = [c for c in cells if not c.is_dense]
+    res = grid.run_grid(pq, base, tmp_path, poll=0.01, max_wait=5, log=lambda m: None)
+    assert calls == ["pq_a_l1_layerwise_75_W4A4_s0"] * 2 and res["failed"] == [pq[0].id]
