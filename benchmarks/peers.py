@@ -97,56 +97,35 @@ CALIBRATION_IMAGES = 256
 
 # ----------------------------------------------------------------------------------- cell schema
 def _load_grid() -> Any:
-    """benchmarks/grid.py (cell schema, ``write_cell``, ``dense_path``) when it is there."""
-    path = Path(__file__).resolve().parent / "grid.py"
-    if not path.exists():
-        return None
+    """benchmarks/grid.py (benchmarks/ is no package): the cell schema, ``write_cell``, ``dense_path``,
+    the dense cell's readiness check and the per-cell locks."""
     name = "pq_bench_grid"
     if name in sys.modules:
         return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, path)
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent / "grid.py")
     mod = importlib.util.module_from_spec(spec)
     sys.modules[name] = mod  # dataclasses look their module up while the file executes
     try:
         spec.loader.exec_module(mod)
-    except Exception:
+    except BaseException:
         del sys.modules[name]
         raise
-    if all(hasattr(mod, n) for n in ("CELL_FIELDS", "write_cell", "dense_path")):
-        return mod
-    return None
+    return mod
 
 
-_GRID = _load_grid()
-if _GRID is not None:
-    CELL_FIELDS: tuple[str, ...] = tuple(_GRID.CELL_FIELDS)
-    write_cell: Callable[[Path, dict], Any] = _GRID.write_cell
-    dense_path: Callable[[Path, int], Path] = _GRID.dense_path
-else:  # until benchmarks/grid.py exists: its announced schema
-    CELL_FIELDS = ("id", "family", "label", "seed", "importance", "schedule", "sparsity", "bits", "accuracy",
-                   "dense_accuracy", "memory_mbit", "weight_mbit", "act_mbit", "macs", "bops", "params",
-                   "density", "levels", "note")
-
-    def write_cell(folder: Path, cell: dict) -> Path:
-        """Write ``folder/cell.json`` atomically (every field of :data:`CELL_FIELDS` present)."""
-        missing = [k for k in CELL_FIELDS if k not in cell]
-        if missing:
-            raise ValueError(f"cell {cell.get('id')!r} lacks {missing}")
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        return atomic_write_json(Path(folder) / "cell.json", cell)
-
-    def dense_path(out: Path, seed: int) -> Path:
-        """Where the dense network of ``seed`` lives under ``out``."""
-        return Path(out) / f"dense_s{seed}" / "dense.pt"
+grid = _load_grid()
+CELL_FIELDS: tuple[str, ...] = grid.CELL_FIELDS
+write_cell = grid.write_cell
+dense_path = grid.dense_path
 
 
 def cell_done(folder: Path) -> bool:
-    """A cell is finished when its cell.json holds every field."""
+    """A peer cell is finished when its cell.json is there and valid (grid.py's schema)."""
     try:
-        cell = json.loads((folder / "cell.json").read_text())
+        grid.validate_cell(json.loads((folder / "cell.json").read_text()))
     except (OSError, ValueError):
         return False
-    return all(k in cell for k in CELL_FIELDS)
+    return True
 
 
 # ----------------------------------------------------------------------------------- configuration
@@ -257,35 +236,27 @@ def train_dense(cfg: RunConfig, path: Path, log: Callable[[str], None] = print) 
     RunFolder(path.parent).save_tensors(path.name, model.state_dict())
 
 
-def dense_ready(out: Path, seed: int) -> bool:
-    """Whether the seed's dense.pt is written (grid.py: and listed intact in its folder's manifest)."""
-    if _GRID is not None and hasattr(_GRID, "dense_ready"):
-        return bool(_GRID.dense_ready(out, seed))
-    return Path(dense_path(out, seed)).is_file()
-
-
 def ensure_dense(cfg: RunConfig, out: Path, seed: int, poll: float = 30.0) -> Path:
     """The seed's dense network, trained here if nobody has: under grid.py's lock of the dense cell, so a
-    grid.py process training it meanwhile is waited for, and grid.py later continues from this dense.pt."""
+    grid.py process training it meanwhile is waited for, and grid.py later continues from this dense.pt
+    (the folder is then what an interrupted dense cell leaves)."""
     path = Path(dense_path(out, seed))
-    locks = _GRID is not None and all(hasattr(_GRID, n) for n in ("claim", "release"))
     cell_id = path.parent.name
     said = False
-    while not dense_ready(out, seed):
-        if locks and not _GRID.claim(out, cell_id, lambda m: print(m, flush=True)):
+    while not grid.dense_ready(out, seed):
+        if not grid.claim(out, cell_id, lambda m: print(m, flush=True)):
             if not said:
                 print(f"[seed {seed}] waiting for {cell_id} (another process trains it)", flush=True)
                 said = True
             time.sleep(poll)
             continue
         try:
-            if not dense_ready(out, seed):
+            if not grid.dense_ready(out, seed):
                 print(f"[seed {seed}] no dense network at {path}: training it (prunequant's dense phase)",
                       flush=True)
                 train_dense(cfg, path)
         finally:
-            if locks:
-                _GRID.release(out, cell_id)
+            grid.release(out, cell_id)
     return path
 
 
@@ -607,6 +578,10 @@ LABELS = {"qsparse": "qsparse (authors' library): layerwise A-L1 + QAT",
           "tp_pq": "Torch-Pruning L1 + prunequant QAT",
           "brevitas_dense": "Brevitas QAT (dense)",
           "brevitas_tp": "Torch-Pruning L1 + Brevitas QAT"}
+#: Why a peer may use more levels than its bits allow (read in its source).
+LEVEL_CAUSE = {"qsparse": (" qsparse's ScalerQuantization does not saturate: its clamp_ acts on a temporary"
+                           " copy (q.float().clamp_), so round(w / s) can reach +2^(b-1) (or beyond, the"
+                           " scale being a running mean of max|W|/2^(b-1))")}
 METHOD = {"qsparse": ("a_l1", "layerwise"), "tp_pq": ("w_l1", "oneshot"), "brevitas_dense": ("none", "none"),
           "brevitas_tp": ("w_l1", "oneshot")}
 
@@ -640,14 +615,15 @@ def run_peer(name: str, setup: Setup, out: Path, dense_acc: float, quick: bool) 
     lv = summarize_levels(res.pop("weight_levels"), res.pop("act_levels"), wb, ab)
     atomic_write_json(folder / "levels.json", lv)
     importance, schedule = METHOD[name]
-    note = res.pop("note")
+    note = res.pop("note") + (f" Physical size: {res['physical_bytes']:,} bytes"
+                              f" ({'shrunk' if res['shrunk'] else 'not shrunk'}).")
     over = _level_note(lv["levels"], wb, ab)
     note += f" levels: max over the {wb}-bit weights / {ab}-bit activations"
     if lv["levels_other"]:
         note += " (" + ", ".join(f"{k}: {v}" for k, v in lv["levels_other"].items()) + ")"
     note += "."
     if over:
-        note += " NOTE: " + over + "."
+        note += " NOTE: " + over + "." + LEVEL_CAUSE.get(name, "")
     if quick:
         note += " --quick run (a few hundred images): not the benchmark."
     cell = {

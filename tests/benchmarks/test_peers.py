@@ -55,8 +55,7 @@ def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path,
         folder = tmp_path / f"peer_{name}_s0"
         cell = json.loads((folder / "cell.json").read_text())
         assert list(cell) == list(peers.CELL_FIELDS)
-        if peers._GRID is not None:  # benchmarks/grid.py's own validation
-            peers._GRID.validate_cell(cell)
+        peers.grid.validate_cell(cell)  # benchmarks/grid.py's own check of the schema
         assert cell["id"] == folder.name and cell["family"] == "peer" and cell["seed"] == 0
         assert cell["bits"] == "W4A4" and cell["label"] and cell["note"]
         assert 0.0 <= cell["accuracy"] <= 100.0 and 0.0 <= cell["dense_accuracy"] <= 100.0
@@ -98,6 +97,9 @@ def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path,
     assert q["shrunk"] is False and "not shrunk" in cells["qsparse"]["note"]
     assert len(q["kept_channels"]) == 9 and all(k == n // 2 for k, n in q["kept_channels"].values())
     assert tp_memory_order(cells)
+    # grid.py's table collects the peer cells with its own
+    collected, problems = peers.grid.collect(tmp_path)
+    assert not problems and {c["id"] for c in collected} == {f"peer_{n}_s0" for n in peers.PEERS}
 
     # Resuming: finished cells are skipped, nothing is computed again.
     stamps = {n: (tmp_path / f"peer_{n}_s0" / "cell.json").stat().st_mtime_ns for n in peers.PEERS}
