@@ -42,8 +42,8 @@ def test_levels_on_hand_made_tensors() -> None:
     assert peers._level_note({"weights": 16, "acts": 16}, 4, 4) == ""
 
 
-def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     peers = load_script()
     args = ["--quick", "--out", str(tmp_path), "--threads", "1"]
     assert peers.main(args) == 0
@@ -111,6 +111,16 @@ def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path,
     monkeypatch.setattr(peers, "train_dense", fail)
     assert peers.main(args) == 0
     assert stamps == {n: (tmp_path / f"peer_{n}_s0" / "cell.json").stat().st_mtime_ns for n in peers.PEERS}
+
+    # An unfinished cell another process holds (grid.py's lock) is left to it.
+    (tmp_path / "peer_tp_pq_s0" / "cell.json").unlink()
+    assert peers.grid.claim(tmp_path, "peer_tp_pq_s0")
+    try:
+        assert peers.main(args) == 0
+    finally:
+        peers.grid.release(tmp_path, "peer_tp_pq_s0")
+    assert not (tmp_path / "peer_tp_pq_s0" / "cell.json").exists()
+    assert "claimed by another process, left to it" in capsys.readouterr().out
 
 
 def tp_memory_order(cells: dict) -> bool:
