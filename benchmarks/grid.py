@@ -74,9 +74,11 @@ second dense_s1; then they share the thin networks, dense_s2 and the compressed 
 
 A process that was killed leaves its lock behind; the next process on the same host takes it over. A
 lock written on another host is never taken over (its process cannot be checked): delete it by hand.
-About 4-7 CPU-hours per seed for the default grid (method + bits + width, 25 cells) on ResNet-20 /
-full Fashion-MNIST at one thread per cell: ~10-17 CPU-minutes per compressed cell, ~30 for the dense
-cell, 5-10 for a thin one; ``all`` is about 102 cells per seed.
+Cost, estimated from earlier runs of this recipe at one thread per cell (about 0.4 s per compression
+step of 128 images on a quiet 2-core AMD EPYC, up to 3x that on a busy one, plus 1-2 minutes of
+evaluation per cell): ~10-25 CPU-minutes per compressed cell (1,263 steps), ~20-45 for a dense cell,
+~5-15 for a thin one; the default grid (method + bits + width: 25 cells per seed) ~4-10 CPU-hours per
+seed; ``all`` has 102 cells per seed.
 
 ``--quick`` is a tiny smoke run (a few hundred images, a few steps per phase, one seed, five cells), not
 a benchmark; ``--table-only`` regenerates the outputs from the cached cells.
