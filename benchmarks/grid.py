@@ -843,6 +843,42 @@ def table(out: Path, command: str = "", plots: bool = True) -> dict[str, Any]:
     return result
 
 
+def dry_run(cells: list[Cell], base: dict[str, Any], out: Path, log: Callable[[str], None] = print) -> int:
+    """List the cells with their state (finished / claimed / to run); check each configuration and that
+    its compression schedule ends within ``train.epochs`` (what ``prunequant run`` checks before
+    training). Trains and writes nothing; returns 1 when a configuration is refused."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from prunequant.models import build_model
+    from prunequant.train.trainer import _check_schedule_fits, load_data
+
+    if not cells:
+        log("no cells selected")
+        return 0
+    data = load_data(cell_config(base, cells[0], out), log)  # one data set for every cell
+    example = next(iter(DataLoader(data.train, batch_size=8)))[0]
+    spe = len(data.train) // base["data"]["batch_size"]
+    bad = 0
+    for k, c in enumerate(cells, 1):
+        folder = out / c.id
+        holder = read_lock(lock_path(out, c.id))
+        state = ("finished" if cell_done(folder) else
+                 f"claimed by pid {holder.get('pid')} on {holder.get('host')}" if holder else "to run")
+        try:
+            cfg = cell_config(base, c, out)
+            model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
+                                image_size=data.image_size, width=cfg.model.width)
+            with torch.random.fork_rng():
+                _check_schedule_fits(model, cfg, example, spe, max(1, round(cfg.train.epochs * spe)))
+            log(f"[{k}/{len(cells)}] {c.id}: {state}; {c.label(cfg.model.name)}")
+        except Exception as e:
+            bad += 1
+            log(f"[{k}/{len(cells)}] {c.id}: {state}; REFUSED: {e}")
+    log(f"{len(cells)} cells, {spe} steps per epoch, {bad} refused")
+    return 1 if bad else 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     """Command line; see the module docstring."""
@@ -865,6 +901,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-wait", type=float, default=None,
                     help="give up waiting for another process's dense network after this many seconds")
     ap.add_argument("--no-progress", action="store_true", help="no per-cell progress bar")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="list the cells and their state, check every configuration and that its schedule "
+                         "fits train.epochs (loads the data once; trains nothing, writes nothing)")
     a = ap.parse_args(argv)
     out = a.out or (OUT_QUICK if a.quick else OUT)
     args = sys.argv[1:] if argv is None else argv
@@ -886,6 +925,8 @@ def main(argv: list[str] | None = None) -> int:
     grids = a.grid or (["quick"] if a.quick else ["method", "bits", "width"])
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     cells = select_cells(grids, seeds, a.only)
+    if a.dry_run:
+        return dry_run(cells, base, out)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "commands.txt", "a") as f:
         f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {HOST} pid {os.getpid()}: {command}\n")

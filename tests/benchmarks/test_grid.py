@@ -296,3 +296,18 @@ def test_failures_do_not_hang(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     pq = [c for c in cells if not c.is_dense]
     res = grid.run_grid(pq, base, tmp_path, poll=0.01, max_wait=5, log=lambda m: None)
     assert calls == ["pq_a_l1_layerwise_75_W4A4_s0"] * 2 and res["failed"] == [pq[0].id]
+
+
+def test_dry_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "g"
+    assert grid.main([*QUICK, "--out", str(out), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for c in grid.subgrid("quick", 0):
+        assert f"{c.id}: to run;" in printed
+    assert "5 cells, 8 steps per epoch, 0 refused" in printed and not out.exists()  # nothing written
+    # A compression budget shorter than the schedule is refused before anything trains.
+    short = ["--set", "train.epochs=1", "--only", "pq_a_l1_*"]
+    assert grid.main([*QUICK, "--out", str(out), "--dry-run", *short]) == 1
+    printed = capsys.readouterr().out
+    assert "pq_a_l1_layerwise_75_W4A4_s0: to run; REFUSED: train.epochs" in printed
+    assert "dense_s0: to run; resnet20 x1 FP32 (dense)" in printed  # nothing to schedule: fits
