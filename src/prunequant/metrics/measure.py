@@ -315,7 +315,9 @@ def count_levels(values: Tensor, scale: Tensor | float | None = None, axis: int 
     integer codes ``round(values / scale)``, so per-channel quantized weights whose channels use the
     codes -8..7 count 16 however many distinct float values the channels make together.
     """
-    v = values.detach().float()
+    v = values.detach()
+    if not v.is_floating_point():
+        v = v.float()
     if scale is not None:
         s = torch.as_tensor(scale, dtype=v.dtype, device=v.device)
         if s.numel() > 1:
@@ -325,5 +327,5 @@ def count_levels(values: Tensor, scale: Tensor | float | None = None, axis: int 
         else:
             s = s.reshape(())
         v = torch.round(v / s)
-    v = v[~torch.isnan(v)]
-    return int(torch.unique(v).numel())
+    u = torch.unique(v)
+    return int(u.numel() - torch.isnan(u).sum())
