@@ -305,6 +305,12 @@ def act_levels(model: nn.Module, x: Tensor, quantizers: dict[str, tuple[nn.Modul
     return [{"name": n, "bits": b, "levels": found[n]} for n, (_, b) in quantizers.items() if n in found]
 
 
+def weight_row(name: str, bits: int, codes: Tensor) -> dict[str, Any]:
+    """A weight layer's levels: distinct integer codes, and their range."""
+    return {"name": name, "bits": int(bits), "levels": count_levels(codes), "min_code": int(codes.min()),
+            "max_code": int(codes.max())}
+
+
 def summarize_levels(weights: list[dict], acts: list[dict], wb: int, ab: int) -> dict[str, Any]:
     """``levels`` of the cell: max over layers at the recipe's bits; the others listed by bits."""
     def mx(rows: list[dict], bits: int) -> int:
@@ -312,8 +318,11 @@ def summarize_levels(weights: list[dict], acts: list[dict], wb: int, ab: int) ->
 
     other = {f"weights_{b}bit": mx(weights, b) for b in sorted({r["bits"] for r in weights} - {wb})}
     other.update({f"acts_{b}bit": mx(acts, b) for b in sorted({r["bits"] for r in acts} - {ab})})
+    outside = [f"{r['name']} ({r['bits']}-bit): {r['min_code']}..{r['max_code']}" for r in weights
+               if "min_code" in r and not -(2 ** (r["bits"] - 1)) <= r["min_code"] <= r["max_code"]
+               <= 2 ** (r["bits"] - 1) - 1]
     return {"levels": {"weights": mx(weights, wb), "acts": mx(acts, ab)}, "levels_other": other,
-            "weight_layers": weights, "act_quantizers": acts}
+            "codes_outside_range": outside, "weight_layers": weights, "act_quantizers": acts}
 
 
 def _level_note(levels: dict[str, int], wb: int, ab: int) -> str:
@@ -369,7 +378,7 @@ def run_tp_pq(setup: Setup, folder: Path) -> dict[str, Any]:
     for n, mod in final.named_modules():
         wq = weight_quantizer(mod) if isinstance(mod, LAYER_TYPES) else None
         if wq is not None and bool(wq.enabled):
-            wl.append({"name": n, "bits": wq.bits, "levels": count_levels(wq.int_codes(raw_weight(mod)))})
+            wl.append(weight_row(n, wq.bits, wq.int_codes(raw_weight(mod))))
     aqs = {n: (q, q.bits) for n, q in final.named_modules()
            if isinstance(q, ActQuantizer) and bool(q.enabled)}
     al = act_levels(final, setup.calib, aqs)
@@ -479,9 +488,10 @@ def run_qsparse(setup: Setup, folder: Path) -> dict[str, Any]:
         for n, mod in model.named_modules():
             if isinstance(mod, LAYER_TYPES) and isinstance(getattr(mod, "quantize", None), QuantizeLayer):
                 q = mod.quantize
-                s = q.weight.detach().flatten() if hasattr(q, "weight") else None
-                wl.append({"name": n, "bits": q.bits, "levels": count_levels(mod.weight, s, axis=0),
-                           "quantized": bool(q._quantized)})
+                s = q.weight.detach().flatten()  # the scale per output channel (or one)
+                w = mod.weight  # quantized in eval mode (the QuantizeLayer's forward)
+                codes = torch.round(w / (s.reshape([-1] + [1] * (w.dim() - 1)) if s.numel() > 1 else s))
+                wl.append({**weight_row(n, q.bits, codes), "quantized": bool(q._quantized)})
     aqs = {n: (q, q.bits) for n, q in net.named_modules()
            if isinstance(q, QuantizeLayer) and q.batch_dimension == 0}
     al = act_levels(net, setup.calib, aqs)
@@ -561,7 +571,7 @@ def _run_brevitas(setup: Setup, folder: Path, shrink: bool) -> dict[str, Any]:
         for n, mod in net.named_modules():
             if isinstance(mod, QuantWeightBiasInputOutputLayer):
                 qt = mod.quant_weight()
-                wl.append({"name": n, "bits": int(qt.bit_width), "levels": count_levels(qt.int())})
+                wl.append(weight_row(n, int(qt.bit_width), qt.int()))
     al = act_levels(net, setup.calib, act_q)
     what = "Torch-Pruning-shrunk (L1, every coupled group)" if shrink else "dense"
     return {
@@ -599,7 +609,7 @@ LABELS = {"qsparse": "qsparse (authors' library): layerwise A-L1 + QAT",
 #: Why a peer may use more levels than its bits allow (read in its source).
 LEVEL_CAUSE = {"qsparse": (" qsparse's ScalerQuantization does not saturate: its clamp_ acts on a temporary"
                            " copy (q.float().clamp_), so round(w / s) can reach +2^(b-1) (or beyond, the"
-                           " scale being a running mean of max|W|/2^(b-1))")}
+                           " scale being a running mean of max|W|/2^(b-1)).")}
 METHOD = {"qsparse": ("a_l1", "layerwise"), "tp_pq": ("w_l1", "oneshot"), "brevitas_dense": ("none", "none"),
           "brevitas_tp": ("w_l1", "oneshot")}
 
@@ -640,6 +650,10 @@ def run_peer(name: str, setup: Setup, out: Path, dense_acc: float, quick: bool) 
     if lv["levels_other"]:
         note += " (" + ", ".join(f"{k}: {v}" for k, v in lv["levels_other"].items()) + ")"
     note += "."
+    if lv["codes_outside_range"]:
+        out_of = lv["codes_outside_range"]
+        over = "; ".join(filter(None, [over, f"weight codes outside the signed b-bit range in {len(out_of)} "
+                                             f"layers (e.g. {out_of[0]}; {out_of[-1]})"]))
     if over:
         note += " NOTE: " + over + "." + LEVEL_CAUSE.get(name, "")
     if quick:

@@ -40,6 +40,13 @@ def test_levels_on_hand_made_tensors() -> None:
     assert s["levels_other"] == {"weights_8bit": 200}
     assert peers._level_note(s["levels"], 4, 4) == "activations use 17 levels (> 16: not 4-bit)"
     assert peers._level_note({"weights": 16, "acts": 16}, 4, 4) == ""
+    # weight codes: -8..7 is 4-bit (16 levels); an unsaturated +8 makes 17 and leaves the range
+    ok = peers.weight_row("conv", 4, torch.arange(-8.0, 8.0).repeat(4))
+    assert ok == {"name": "conv", "bits": 4, "levels": 16, "min_code": -8, "max_code": 7}
+    bad = peers.weight_row("conv2", 4, torch.arange(-8.0, 9.0))
+    assert bad["levels"] == 17
+    s = peers.summarize_levels([ok, bad], rows, 4, 4)
+    assert s["levels"]["weights"] == 17 and s["codes_outside_range"] == ["conv2 (4-bit): -8..8"]
 
 
 def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -77,6 +84,9 @@ def test_quick_run_writes_every_peer_cell_and_resumes(tmp_path: Path, monkeypatc
     for b in ("brevitas_dense", "brevitas_tp"):
         assert cells[b]["levels"]["weights"] <= 15 and cells[b]["levels"]["acts"] <= 16
     assert cells["qsparse"]["levels"]["acts"] <= 16  # its activation quantizer clamps to 2^b codes
+    for name in ("tp_pq", "brevitas_dense", "brevitas_tp"):  # these saturate to the b-bit range
+        levels = json.loads((tmp_path / f"peer_{name}_s0" / "levels.json").read_text())
+        assert levels["codes_outside_range"] == [] and levels["weight_layers"]
 
     # Torch-Pruning really shrinks: fewer channels (residual stream included), params, MACs.
     for name in ("tp_pq", "brevitas_tp"):
