@@ -610,7 +610,7 @@ LABELS = {"qsparse": "qsparse (authors' library): layerwise A-L1 + QAT",
 LEVEL_CAUSE = {"qsparse": (" qsparse's ScalerQuantization does not saturate: its clamp_ acts on a temporary"
                            " copy (q.float().clamp_), so round(w / s) can reach +2^(b-1) (or beyond, the"
                            " scale being a running mean of max|W|/2^(b-1)).")}
-METHOD = {"qsparse": ("a_l1", "layerwise"), "tp_pq": ("w_l1", "oneshot"), "brevitas_dense": ("none", "none"),
+METHOD = {"qsparse": ("a_l1", "layerwise"), "tp_pq": ("w_l1", "oneshot"), "brevitas_dense": (None, None),
           "brevitas_tp": ("w_l1", "oneshot")}
 
 
@@ -660,7 +660,7 @@ def run_peer(name: str, setup: Setup, out: Path, dense_acc: float, quick: bool) 
         note += " --quick run (a few hundred images): not the benchmark."
     cell = {
         "id": folder.name, "family": "peer", "label": LABELS[name], "seed": seed, "importance": importance,
-        "schedule": schedule, "sparsity": 0.0 if name == "brevitas_dense" else cfg.recipe.prune.sparsity,
+        "schedule": schedule, "sparsity": None if name == "brevitas_dense" else cfg.recipe.prune.sparsity,
         "bits": f"W{wb}A{ab}", "accuracy": res.pop("accuracy"), "dense_accuracy": dense_acc,
         **{k: res.pop(k) for k in ("memory_mbit", "weight_mbit", "act_mbit", "macs", "bops", "params",
                                    "density")},
