@@ -126,12 +126,7 @@ def measure(model: nn.Module, example_input: Tensor) -> Measurement:
         fin = plan.input_fraction(name, site_masks) if info is not None else 1.0
         fout = site_frac.get(info.output_site, 1.0) if info and info.output_site else 1.0
         w = raw_weight(mod)
-        if isinstance(mod, nn.Linear):
-            dense_macs = w.numel() * (out.numel() // out.shape[-1])
-        elif isinstance(mod, CONVT_TYPES):
-            dense_macs = w.numel() * x[0].numel() // x.shape[1]
-        else:
-            dense_macs = w.numel() * (out[0].numel() // out.shape[1])
+        dense_macs = _dense_macs(mod, w, x, out)
         frac = fout if (info is not None and info.depthwise) else fin * fout
         wq = weight_quantizer(mod)
         wb = wq.bits if wq is not None and bool(wq.enabled) else FLOAT_BITS
@@ -221,6 +216,15 @@ def _norm_channels(m: nn.Module) -> int:
     return int(getattr(m, "num_channels", 0) or 0)
 
 
+def _dense_macs(mod: nn.Module, w: Tensor, x: Tensor, out: Tensor) -> int:
+    """MACs of one conv / linear layer before pruning, from its weight and one call's tensors."""
+    if isinstance(mod, nn.Linear):
+        return w.numel() * (out.numel() // out.shape[-1])
+    if isinstance(mod, CONVT_TYPES):
+        return w.numel() * x[0].numel() // x.shape[1]
+    return w.numel() * (out[0].numel() // out.shape[1])
+
+
 @torch.no_grad()
 def measure_module(model: nn.Module, example_input: Tensor, weight_bits: int = FLOAT_BITS,
                    act_bits: int = FLOAT_BITS,
@@ -261,12 +265,7 @@ def measure_module(model: nn.Module, example_input: Tensor, weight_bits: int = F
         x = inp[0]
         fin, fout = keep.get(name, (1.0, 1.0))
         w = mod.weight
-        if isinstance(mod, nn.Linear):
-            dense_macs = w.numel() * (out.numel() // out.shape[-1])
-        elif isinstance(mod, CONVT_TYPES):
-            dense_macs = w.numel() * x[0].numel() // x.shape[1]
-        else:
-            dense_macs = w.numel() * (out[0].numel() // out.shape[1])
+        dense_macs = _dense_macs(mod, w, x, out)
         depthwise = getattr(mod, "groups", 1) > 1 and mod.groups == getattr(mod, "in_channels", -1)
         frac = fout if depthwise else fin * fout
         wb, ab = layer_bits.get(name, (None, None))
