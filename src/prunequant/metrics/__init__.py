@@ -1,5 +1,5 @@
 """Params, MACs, BOPs, memory and performance density."""
 
-from .measure import LayerCost, Measurement, measure
+from .measure import LayerCost, Measurement, count_levels, measure, measure_module
 
-__all__ = ["LayerCost", "Measurement", "measure"]
+__all__ = ["LayerCost", "Measurement", "count_levels", "measure", "measure_module"]
