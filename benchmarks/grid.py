@@ -36,8 +36,9 @@ run the same cell. A cell whose dense network another process is still training 
 meanwhile runs cells that do not need it (``--max-wait`` bounds the wait).
 
 ``cell.json`` (the uniform record of a finished cell, written atomically and last; other scripts such as
-``benchmarks/peers.py`` write ``peer_<name>_s<seed>/cell.json`` into the same ``--out`` with
-:func:`write_cell`), fields :data:`CELL_FIELDS`:
+``benchmarks/peers.py`` write ``peer_<name>_<sparsity %>_s<seed>/cell.json`` (``peer_<name>_s<seed>`` for
+a peer that prunes nothing) into the same ``--out`` with :func:`write_cell`, from the same base
+configuration, :func:`base_config`), fields :data:`CELL_FIELDS`:
 
 ==============  ==================================================================================
 id              the cell's folder name, ending in ``_s<seed>`` (the group is the id without it)
@@ -63,7 +64,8 @@ note            str, may be empty; shown in the tables
 ==============  ==================================================================================
 
 Outputs in ``--out``: ``grid.json`` (every cell, and per group mean +- sample std over seeds), ``grid.md``
-(one table per sub-grid, peers and other cells; CPU class and the commands), ``pareto_memory.png``
+(one table per sub-grid, other cells, and the peers per sparsity beside prunequant's layerwise A-L1 cell of
+that sparsity and bits; CPU class and the commands), ``pareto_memory.png``
 (accuracy vs memory, log x) and ``pareto_bops.png`` (accuracy vs BOPs, log x), Pareto fronts drawn.
 Full size, e.g. two processes on a 2-core machine, one thread each (the first trains dense_s0, the
 second dense_s1; then they share the thin networks, dense_s2 and the compressed cells)::
@@ -227,6 +229,28 @@ def select_cells(grids: Iterable[str], seeds: Iterable[int], only: Iterable[str]
 def dense_path(out: str | Path, seed: int) -> Path:
     """The dense network of ``seed`` (``<out>/dense_s<seed>/dense.pt``), which compressed cells load."""
     return Path(out) / f"dense_s{seed}" / "dense.pt"
+
+
+def base_config(config: str | Path, sets: Iterable[str] = (), *, quick: bool = False,
+                threads: int | None = None) -> dict[str, Any]:
+    """The base run configuration every cell derives from (a ``RunConfig.to_dict()``): the file
+    ``config`` with, in this order, the ``--quick`` sizes (:data:`QUICK_SETS`), the ``--set KEY=VALUE``
+    overrides and ``train.threads``, applied as ``prunequant run --config --set`` applies them.
+    benchmarks/peers.py builds its configuration here too, so both compare on the same data and model.
+
+    Raises ``SystemExit`` when the configuration names ``train.dense_checkpoint``: each seed's dense
+    network is ``dense_s<seed>/dense.pt`` under ``--out`` (:func:`dense_path`)."""
+    from prunequant.cli import build_config
+
+    overrides = [*(QUICK_SETS if quick else ()), *sets]
+    if threads:
+        overrides.append(f"train.threads={threads}")
+    base = build_config(str(config), overrides).to_dict()
+    if base["train"].get("dense_checkpoint"):
+        raise SystemExit("train.dense_checkpoint: grid.py trains each seed's dense network itself "
+                         "(dense_s<seed>/dense.pt under --out, which peers.py shares); remove it from the "
+                         "base configuration")
+    return base
 
 
 def cell_config(base: dict[str, Any], cell: Cell, out: Path, progress: bool = False,
@@ -724,6 +748,32 @@ SUBGRID_TITLES = {
 }
 
 
+def peer_sections(groups: dict[str, dict[str, Any]]) -> list[tuple[str, list[str], list[str]]]:
+    """The peers' tables in grid.md: one per channel sparsity (highest first: 75 %, the method sub-grid's,
+    before 50 %), then the peers that prune nothing. Each is ``(title, reference groups, peer groups)``;
+    the references are prunequant's layerwise A-L1 group of that sparsity and the peers' bits (for the
+    unpruned peers: the full-width network at their bits), where the grid has them."""
+    peers = {k: g for k, g in groups.items() if g["family"] == "peer"}
+    pcts = sorted({round(100 * g["sparsity"]) for g in peers.values() if g["sparsity"] is not None},
+                  reverse=True)
+    sections = []
+    for pct in [*pcts, None]:
+        keys = sorted(k for k, g in peers.items()
+                      if (None if g["sparsity"] is None else round(100 * g["sparsity"])) == pct)
+        if not keys:
+            continue
+        bits = dict.fromkeys(peers[k]["bits"] for k in keys)
+        if pct is None:
+            title = "Peers without pruning, beside the full-width network at their bits"
+            refs = [Cell("width", 0, b).group for b in bits]
+        else:
+            title = (f"Peers at {pct} % channel sparsity, beside prunequant's layerwise A-L1 at {pct} % and "
+                     "their bits")
+            refs = [_pq(0, "a_l1", "layerwise", pct / 100, b).group for b in bits]
+        sections.append((title, [k for k in refs if k in groups], keys))
+    return sections
+
+
 def _plot(groups: dict[str, dict[str, Any]], xkey: str, xlabel: str, front: list[str], path: Path,
           title: str) -> None:
     import matplotlib
@@ -793,9 +843,10 @@ def table(out: Path, command: str = "", plots: bool = True) -> dict[str, Any]:
     sub = {name: [k for k in dict.fromkeys(c.group for c in subgrid(name, 0)) if k in groups]
            for name in SUBGRID_TITLES}
     shown = {k for ks in sub.values() for k in ks}
+    peer_tables = peer_sections(groups)
     rest = {
         "other prunequant cells": [k for k, g in groups.items() if k not in shown and g["family"] != "peer"],
-        "peers": [k for k, g in groups.items() if g["family"] == "peer"],
+        "peers": [k for _title, _refs, keys in peer_tables for k in keys],
     }
     cpu = cpu_features()
     measured_on = set()
@@ -824,9 +875,10 @@ def table(out: Path, command: str = "", plots: bool = True) -> dict[str, Any]:
     for name in ("bits", "width"):
         if sub[name]:
             md += [f"## {SUBGRID_TITLES[name]}", "", *_table(groups, sub[name], fronts), ""]
-    for title, keys in rest.items():
-        if keys:
-            md += [f"## {title[0].upper() + title[1:]}", "", *_table(groups, keys, fronts), ""]
+    if rest["other prunequant cells"]:
+        md += ["## Other prunequant cells", "", *_table(groups, rest["other prunequant cells"], fronts), ""]
+    for title, refs, keys in peer_tables:
+        md += [f"## {title}", "", *_table(groups, refs + keys, fronts), ""]
     if problems:
         md += ["## cell.json files left out (invalid)", "", *[f"- {p}" for p in problems], ""]
     atomic_write_text(out / "grid.md", "\n".join(md))
@@ -913,15 +965,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {out / 'grid.md'}")
         return 0
 
-    from prunequant.cli import build_config
-
-    sets = [*(QUICK_SETS if a.quick else ()), *a.set]
-    if a.threads:
-        sets.append(f"train.threads={a.threads}")
-    base = build_config(a.config, sets).to_dict()
-    if base["train"].get("dense_checkpoint"):
-        raise SystemExit("train.dense_checkpoint: grid.py trains each seed's dense network itself "
-                         "(dense_s<seed>/dense.pt); remove it from the base configuration")
+    base = base_config(a.config, a.set, quick=a.quick, threads=a.threads)
     grids = a.grid or (["quick"] if a.quick else ["method", "bits", "width"])
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     cells = select_cells(grids, seeds, a.only)

@@ -218,6 +218,45 @@ def test_write_cell(tmp_path: Path) -> None:
     assert grid.dense_path(tmp_path, 3) == tmp_path / "dense_s3" / "dense.pt"
 
 
+def test_peer_tables_per_sparsity(tmp_path: Path) -> None:
+    """peers.py's cells (``peer_<name>_<sparsity %>_s<seed>``): one group per sparsity, one grid.md table per
+    sparsity beside prunequant's layerwise A-L1 of that sparsity and bits; unpruned peers apart."""
+    def rec(cid: str, seed: int, sp: float | None, acc: float, family: str = "peer", **kw) -> dict:
+        return _peer(seed, acc, 0.5, id=f"{cid}_s{seed}", family=family, sparsity=sp, bits="W4A4",
+                     label=f"{cid} label", **kw)
+
+    pq = {"importance": "a_l1", "schedule": "layerwise", "levels": None}
+    cells = [rec("pq_a_l1_layerwise_75_W4A4", 0, 0.75, 70.0, "prunequant", **pq),
+             rec("pq_a_l1_layerwise_50_W4A4", 0, 0.5, 75.0, "prunequant", **pq),
+             rec("width_x1_W4A4", 0, None, 85.0, "width", levels=None)]
+    cells += [rec(f"peer_{n}_{pct}", s, pct / 100, 60.0 + s) for n in ("qsparse", "tp_pq") for pct in (50, 75)
+              for s in (0, 1)]
+    cells += [rec("peer_brevitas_dense", s, None, 80.0) for s in (0, 1)]
+    for c in cells:
+        grid.write_cell(tmp_path / c["id"], c)
+    groups = grid.summarize(grid.collect(tmp_path)[0])
+    assert groups["peer_qsparse_75"]["n"] == 2 and groups["peer_qsparse_75"]["sparsity"] == 0.75
+    assert groups["peer_qsparse_50"]["accuracy"]["mean"] == 60.5
+    assert grid.peer_sections(groups) == [
+        ("Peers at 75 % channel sparsity, beside prunequant's layerwise A-L1 at 75 % and their bits",
+         ["pq_a_l1_layerwise_75_W4A4"], ["peer_qsparse_75", "peer_tp_pq_75"]),
+        ("Peers at 50 % channel sparsity, beside prunequant's layerwise A-L1 at 50 % and their bits",
+         ["pq_a_l1_layerwise_50_W4A4"], ["peer_qsparse_50", "peer_tp_pq_50"]),
+        ("Peers without pruning, beside the full-width network at their bits", ["width_x1_W4A4"],
+         ["peer_brevitas_dense"]),
+    ]
+    res = grid.table(tmp_path, plots=False)
+    assert res["subgrids"]["peers"] == ["peer_qsparse_75", "peer_tp_pq_75", "peer_qsparse_50",
+                                        "peer_tp_pq_50", "peer_brevitas_dense"]
+    md = (tmp_path / "grid.md").read_text()
+    sec = md.split("\n## ")
+    at75 = next(t for t in sec if t.startswith("Peers at 75 %"))
+    at50 = next(t for t in sec if t.startswith("Peers at 50 %"))
+    assert "| peer_qsparse_75 label (levels" in at75 and "| pq_a_l1_layerwise_75_W4A4 label |" in at75
+    assert "_50" not in at75 and "| peer_tp_pq_50 label (levels" in at50 and "_75" not in at50
+    assert md.index("## Peers at 75 %") < md.index("## Peers at 50 %") < md.index("## Peers without pruning")
+
+
 def test_locks(tmp_path: Path) -> None:
     cid = "pq_a_l1_layerwise_75_W4A4_s0"
     path = grid.lock_path(tmp_path, cid)
