@@ -1,9 +1,19 @@
 """Peers of prunequant measured in the same run: same dense weights, data and compression budget.
 
-Per seed, from the dense network at ``dense_path(out, seed)`` (the one prunequant's cells start from;
-trained here through prunequant's own dense phase when it is missing), four cells, each written to
-``<out>/peer_<name>_s<seed>/cell.json`` (the schema of benchmarks/grid.py; a folder whose cell.json
-exists is finished and skipped):
+The same questions as benchmarks/grid.py, with the same knobs: the base configuration is grid.py's
+(``--config``, default ``recipes/fmnist_resnet20_w4a4.yaml``, repeatable ``--set KEY=VALUE``, ``--quick``
+sizes, ``--threads``, all through ``grid.base_config``), so ``peers.py --config X --set data.name=cifar10
+--set data.root=DIR`` compares on the data and model of ``grid.py --config X --set ...``; the pruning peers
+run at each of ``--sparsities`` (default 0.5 0.75, grid.py's: its ``method`` sub-grid is at 75 % W4A4, its
+``bits`` sub-grid at 50 and 75 %), replacing ``recipe.prune.sparsity``.
+
+Per seed (default 0 1 2), from the dense network at ``dense_path(out, seed)`` (the one prunequant's cells
+start from; trained here through prunequant's own dense phase when it is missing), seven cells with the
+default sparsities, each written to ``<out>/<cell>/cell.json`` (the schema of benchmarks/grid.py; a folder
+whose cell.json exists is finished and skipped). Pruning peers are named by the sparsity percent as grid.py
+names its cells: ``peer_qsparse_75_s0``, ``peer_tp_pq_50_s0``, ``peer_brevitas_tp_75_s0``;
+``brevitas_dense`` prunes nothing and runs once per seed: ``peer_brevitas_dense_s0``. grid.py's table shows
+the peers of each sparsity beside its layerwise A-L1 cell of that sparsity and bits.
 
 * ``qsparse``: qsparse 2.0.1, the paper authors' library, configured as their published experiments
   (mdpi2022 configs) and examples do: ``prune(sparsity, dimensions={1})`` (channel pruning by the running
@@ -20,7 +30,7 @@ exists is finished and skipped):
   above 1 and the first mask refresh raises an IndexError. Its ``ScalerQuantization`` does not saturate
   (the ``clamp_`` acts on a temporary), so "4-bit" weights can use 17 or more codes: ``levels`` shows it.
 * ``tp_pq``: Torch-Pruning 1.6 ``MetaPruner`` + ``MagnitudeImportance(p=1)`` (filter L1 per coupled
-  group, ``global_pruning=False``, classifier ignored) at the recipe's sparsity, physically shrunk
+  group, ``global_pruning=False``, classifier ignored) at the cell's sparsity, physically shrunk
   (residual groups included), then prunequant's QAT: the recipe with ``prune: null``, same quant block,
   same number of compression steps, same optimizer / learning-rate schedule.
 * ``brevitas_dense`` / ``brevitas_tp``: Brevitas 0.13 W4A4 QAT of the dense / the Torch-Pruning-shrunk
@@ -38,25 +48,35 @@ integer codes of each quantized weight and the distinct values of each quantized
 calibration batch (256 validation images), max over the layers at the recipe's bits (the 8-bit input
 and classifier are listed apart in levels.json).
 
-Full size (the main benchmark: ResNet-20, full Fashion-MNIST, 3 compression epochs)::
+Full size (the main benchmark: ResNet-20, full Fashion-MNIST, 3 compression epochs; seeds 0 1 2 and
+sparsities 0.5 0.75 by default)::
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/peers.py --seeds 0 1 2 --out benchmarks/results/grid
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/peers.py --out benchmarks/results/grid
+
+the same comparison on another data set or model, with grid.py's own ``--config`` / ``--set``::
+
+    .venv/bin/python benchmarks/grid.py --config X --set data.name=cifar10 --set data.root=DIR --out D
+    .venv/bin/python benchmarks/peers.py --config X --set data.name=cifar10 --set data.root=DIR --out D
 
 or one process per core (each cell, and a missing dense network, is claimed with grid.py's lock, so
 two processes never run the same one)::
 
-    .venv/bin/python benchmarks/peers.py --seeds 0 1 2 --threads 1 &
-    .venv/bin/python benchmarks/peers.py --seeds 0 1 2 --threads 1 &
+    .venv/bin/python benchmarks/peers.py --threads 1 &
+    .venv/bin/python benchmarks/peers.py --threads 1 &
 
 CPU time, measured per training step at batch 128 with one thread (on a loaded 2-core AMD EPYC Zen 4):
-qsparse 0.42 s, tp_pq 0.23 s, brevitas_dense 0.76 s, brevitas_tp 0.38 s; 3 epochs are 1,263 steps, so
-per seed about 9 + 5 + 16 + 8 = 38 minutes, plus about 20 s per test-set evaluation (five per seed)
-and, when ``dense_s<seed>`` is missing, its 4 dense epochs (1,684 steps). Three seeds: about 2 hours
-of CPU time.
+qsparse 0.42 s at either sparsity (masked, not shrunk), tp_pq 0.23 s at 50 % / 0.13 s at 75 %,
+brevitas_tp 0.38 s / 0.24 s, brevitas_dense 0.76 s (once per seed). 3 epochs are 1,263 steps, so per seed
+about (9 + 5 + 8) minutes at 50 % + (9 + 3 + 5) at 75 % + 16 for brevitas_dense = 55 minutes, plus about
+20 s per test-set evaluation (eight per seed: the dense network and seven cells) and, when
+``dense_s<seed>`` is missing, its 4 dense epochs (1,684 steps). Three seeds: about 3 hours of CPU time.
 
-A quick look (a few hundred images, a few dozen steps; the test suite runs this)::
+A quick look (grid.py's ``--quick`` sizes: 128 training images, a few dozen steps, seed 0; cells go to
+grid.py's ``--quick`` folder by default, beside its quick cells, sharing their dense network; the test
+suite runs this on scikit-learn's digits)::
 
     .venv/bin/python benchmarks/peers.py --quick --out /tmp/peers
+    .venv/bin/python benchmarks/peers.py --quick --sparsities 0.75 --set data.name=digits --out /tmp/peers
 """
 
 from __future__ import annotations
@@ -68,15 +88,17 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +111,6 @@ from prunequant.graph.ops import LAYER_TYPES
 from prunequant.metrics.measure import Measurement, count_levels, measure_module
 from prunequant.models import build_model
 from prunequant.quant.quantizers import ActQuantizer, WeightQuantizer
-from prunequant.recipe import load_yaml
 from prunequant.runfolder import RunFolder
 from prunequant.train.trainer import (
     _batches,
@@ -107,9 +128,10 @@ from prunequant.train.trainer import (
 from prunequant.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "fmnist_resnet20_w4a4.yaml"
-OUT = ROOT / "benchmarks" / "results" / "grid"
 PEERS = ("qsparse", "tp_pq", "brevitas_dense", "brevitas_tp")
+#: Peers that prune nothing: one cell per seed, no sparsity in the name.
+UNPRUNED = ("brevitas_dense",)
+SPARSITIES = (0.5, 0.75)
 CALIBRATION_IMAGES = 256
 
 
@@ -132,6 +154,9 @@ def _load_grid() -> Any:
 
 
 grid = _load_grid()
+RECIPE: Path = grid.RECIPE
+OUT: Path = grid.OUT
+OUT_QUICK: Path = grid.OUT_QUICK
 CELL_FIELDS: tuple[str, ...] = grid.CELL_FIELDS
 write_cell = grid.write_cell
 dense_path = grid.dense_path
@@ -146,23 +171,69 @@ def cell_done(folder: Path) -> bool:
     return True
 
 
+# ----------------------------------------------------------------------------------- cells
+class PeerCell(NamedTuple):
+    """One peer cell: a peer at one channel sparsity (None for a peer that prunes nothing), one seed."""
+
+    name: str
+    seed: int
+    sparsity: float | None
+
+    @property
+    def id(self) -> str:
+        """The folder name: ``peer_<name>_<sparsity %>_s<seed>`` as grid.py names its cells by the
+        sparsity percent; ``peer_<name>_s<seed>`` for a peer that prunes nothing."""
+        pct = "" if self.sparsity is None else f"_{percent(self.sparsity)}"
+        return f"peer_{self.name}{pct}_s{self.seed}"
+
+
+def percent(sparsity: float) -> int:
+    """The sparsity percent in cell names (grid.py's rounding)."""
+    return round(100 * sparsity)
+
+
+def peer_cells(peers: list[str], sparsities: list[float], seed: int) -> list[PeerCell]:
+    """The cells of one seed, sparsity by sparsity (in the order given); a peer that prunes nothing
+    (``brevitas_dense``) once, in the first pass."""
+    cells = []
+    for k, sp in enumerate(sparsities):
+        for p in peers:
+            if p in UNPRUNED:
+                if k == 0:
+                    cells.append(PeerCell(p, seed, None))
+            else:
+                cells.append(PeerCell(p, seed, sp))
+    return cells
+
+
+def sparsity_arg(text: str) -> float:
+    """``--sparsities``: a channel sparsity strictly between 0 and 1, named by its whole percent."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not 0.0 < v < 1.0 or not 1 <= percent(v) <= 99:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a channel sparsity in (0, 1): give the fraction of channels pruned, e.g. 0.5 "
+            "or 0.75 (cells are named by its whole percent, 1 .. 99)")
+    return v
+
+
 # ----------------------------------------------------------------------------------- configuration
-def make_config(recipe: Path, seed: int, quick: bool, threads: int | None) -> RunConfig:
-    """The prunequant run configuration the peers share (``--quick``: a few hundred images)."""
-    data = load_yaml(recipe)
-    data["train"]["seed"] = seed
-    data["train"]["progress"] = False
-    data["train"]["device"] = "cpu"
-    if threads:
-        data["train"]["threads"] = threads
-    if quick:
-        # 400 training images in batches of 32: 12 dense steps, 30 compression steps (nine layers
-        # pruned one step each from step 1, quantizers on from step 19 / 20).
-        data["data"].update(train_subset=400, test_subset=200, batch_size=32)
-        data["train"].update(dense_epochs=1, epochs=2.5)
-        data["recipe"]["prune"].update(unit="steps", start=1, interval=1, refresh=1)
-        data["recipe"]["quant"].update(unit="steps", weight_delay=1, act_delay=0)
-    return RunConfig.from_dict(data, where=str(recipe))
+def make_config(base: dict[str, Any], seed: int, sparsity: float | None = None) -> RunConfig:
+    """The prunequant run configuration of one seed from the base configuration (grid.py's
+    :func:`base_config`: ``--config``, ``--quick`` sizes, ``--set``, ``--threads``); ``sparsity``
+    replaces ``recipe.prune.sparsity`` (and ``prune.seed`` is the seed, as in grid.py's cells). The peers
+    run on the CPU, without progress bars."""
+    d = copy.deepcopy(base)
+    d["train"].update(seed=seed, progress=False, device="cpu")
+    if sparsity is not None:
+        if not d["recipe"].get("prune"):
+            raise SystemExit("peers.py: the base configuration has no recipe.prune block; the pruning "
+                             "peers take its schedule (start / interval / refresh) and set its sparsity")
+        d["recipe"]["prune"].update(sparsity=sparsity, seed=seed)  # as grid.py's cells (prune.seed: run's)
+    return RunConfig.from_dict(d, where=f"peers.py seed {seed}" + ("" if sparsity is None else
+                                                                    f" sparsity {sparsity:g}"))
 
 
 class Setup:
@@ -630,11 +701,13 @@ def _commit() -> str | None:
         return None
 
 
-def run_peer(name: str, setup: Setup, out: Path, dense_acc: float, quick: bool) -> dict[str, Any]:
-    """Run one peer cell and write its cell.json (last)."""
+def run_peer(cell: PeerCell, setup: Setup, out: Path, dense_acc: float, quick: bool) -> dict[str, Any]:
+    """Run one peer cell (``setup.cfg`` at the cell's sparsity) and write its cell.json (last)."""
     cfg = setup.cfg
-    seed = cfg.train.seed
-    folder = out / f"peer_{name}_s{seed}"
+    name = cell.name
+    assert cfg.train.seed == cell.seed
+    assert cell.sparsity is None or cfg.recipe.prune.sparsity == cell.sparsity
+    folder = out / cell.id
     folder.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     res = RUNNERS[name](setup, folder)
@@ -657,11 +730,13 @@ def run_peer(name: str, setup: Setup, out: Path, dense_acc: float, quick: bool) 
     if over:
         note += " NOTE: " + over + "." + LEVEL_CAUSE.get(name, "")
     if quick:
-        note += " --quick run (a few hundred images): not the benchmark."
-    cell = {
-        "id": folder.name, "family": "peer", "label": LABELS[name], "seed": seed, "importance": importance,
-        "schedule": schedule, "sparsity": None if name == "brevitas_dense" else cfg.recipe.prune.sparsity,
-        "bits": f"W{wb}A{ab}", "accuracy": res.pop("accuracy"), "dense_accuracy": dense_acc,
+        note += f" --quick: {grid.QUICK_NOTE}."
+    bits = f"W{wb}A{ab}"
+    where = bits if cell.sparsity is None else f"{percent(cell.sparsity)} % {bits}"
+    record = {
+        "id": cell.id, "family": "peer", "label": f"{LABELS[name]}, {where}", "seed": cell.seed,
+        "importance": importance, "schedule": schedule, "sparsity": cell.sparsity,
+        "bits": bits, "accuracy": res.pop("accuracy"), "dense_accuracy": dense_acc,
         **{k: res.pop(k) for k in ("memory_mbit", "weight_mbit", "act_mbit", "macs", "bops", "params",
                                    "density")},
         "levels": lv["levels"], "note": note,
@@ -670,55 +745,92 @@ def run_peer(name: str, setup: Setup, out: Path, dense_acc: float, quick: bool) 
         "peer": name, "levels_other": lv["levels_other"], "seconds": round(time.time() - t0, 1),
         "versions": {p: _version(p) for p in ("torch", "qsparse", "brevitas", "torch-pruning")},
         "prunequant_commit": _commit(), "cpu": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(), "steps": setup.comp_steps, "quick": quick, **res,
+        "threads": torch.get_num_threads(), "steps": setup.comp_steps, "quick": quick,
+        "config": cfg.to_dict(), **res,
     }
     atomic_write_json(folder / "peer.json", extra)  # everything beyond the cell schema
-    write_cell(folder, cell)  # last: a folder with cell.json is a finished cell
-    return {**cell, **extra}
+    write_cell(folder, record)  # last: a folder with cell.json is a finished cell
+    return {**record, **extra}
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the missing peer cells; print one line per cell."""
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line, defaults resolved: ``sparsities`` (deduplicated), ``seeds``, ``out``, ``command``;
+    a bad value exits with status 2 and one message."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=OUT,
-                    help="grid folder (cells are <out>/peer_<name>_s<seed>/)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--config", default=str(RECIPE),
+                    help=f"base run configuration, as for grid.py (default {RECIPE.name})")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a field of the base configuration, as for grid.py / prunequant run "
+                         "(repeatable; recipe.prune.sparsity is set by --sparsities)")
+    ap.add_argument("--sparsities", type=sparsity_arg, nargs="+", default=list(SPARSITIES), metavar="S",
+                    help="channel sparsities of the pruning peers, each in (0, 1) (default 0.5 0.75: "
+                         "grid.py's; brevitas_dense prunes nothing and runs once per seed)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default 0 1 2 (--quick: 0)")
     ap.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
-    ap.add_argument("--recipe", type=Path, default=RECIPE)
-    ap.add_argument("--quick", action="store_true", help="a few hundred images, a few dozen steps (tests)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help=f"grid folder (default {OUT}; --quick: {OUT_QUICK}); cells are <out>/peer_<name>_"
+                         "<sparsity %%>_s<seed>/, brevitas_dense's <out>/peer_brevitas_dense_s<seed>/")
+    ap.add_argument("--quick", action="store_true",
+                    help="grid.py's --quick sizes (a hundred-odd images, a few dozen steps), seed 0 (tests)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (train.threads)")
     ap.add_argument("--poll", type=float, default=30.0, help="seconds between checks for a dense network "
                     "another process is training")
     args = ap.parse_args(argv)
+    args.sparsities = list(dict.fromkeys(args.sparsities))
+    pcts = [percent(sp) for sp in args.sparsities]
+    if len(set(pcts)) < len(pcts):
+        ap.error(f"argument --sparsities: {' '.join(f'{sp:g}' for sp in args.sparsities)} name cells by the "
+                 "same whole percent; give sparsities at least 0.01 apart")
+    args.out = args.out or (OUT_QUICK if args.quick else OUT)
+    args.seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    given = sys.argv[1:] if argv is None else argv
+    args.command = shlex.join([".venv/bin/python", "benchmarks/peers.py", *given])
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the missing peer cells; print one line per cell."""
+    args = parse_args(argv)
     out: Path = args.out
-    for seed in args.seeds:
-        todo = [p for p in args.peers if not cell_done(out / f"peer_{p}_s{seed}")]
-        for p in args.peers:
-            if p not in todo:
-                print(f"[seed {seed}] peer_{p}: finished, skipped", flush=True)
+    sparsities, seeds, command = args.sparsities, args.seeds, args.command
+    base = grid.base_config(args.config, args.set, quick=args.quick, threads=args.threads)
+    logged = False
+    for seed in seeds:
+        cells = peer_cells(args.peers, sparsities, seed)
+        todo = [c for c in cells if not cell_done(out / c.id)]
+        for c in cells:
+            if c not in todo:
+                print(f"[seed {seed}] {c.id}: finished, skipped", flush=True)
         if not todo:
             continue
-        cfg = make_config(args.recipe, seed, args.quick, args.threads)
+        if not logged:  # grid.md lists the commands that ran cells in its folder
+            out.mkdir(parents=True, exist_ok=True)
+            with open(out / "commands.txt", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {grid.HOST} pid {os.getpid()}: {command}\n")
+            logged = True
+        cfg = make_config(base, seed)
         torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
         dpath = ensure_dense(cfg, out, seed, args.poll)
         data = load_data(cfg)
         calib = 32 if args.quick else CALIBRATION_IMAGES
-        setup = Setup(cfg, data, load_dense_checkpoint(str(dpath)), calib)
-        dense_acc = setup.accuracy(setup.dense_model())
-        for p in todo:
-            cell_id = f"peer_{p}_s{seed}"
-            if not grid.claim(out, cell_id, lambda m: print(m, flush=True)):  # grid.py's per-cell lock
-                print(f"[seed {seed}] {cell_id}: claimed by another process, left to it", flush=True)
+        dense_state = load_dense_checkpoint(str(dpath))
+        setups = {sp: Setup(make_config(base, seed, sp), data, dense_state, calib)
+                  for sp in {c.sparsity for c in todo}}
+        some = next(iter(setups.values()))
+        dense_acc = some.accuracy(some.dense_model())
+        for c in todo:
+            if not grid.claim(out, c.id, lambda m: print(m, flush=True)):  # grid.py's per-cell lock
+                print(f"[seed {seed}] {c.id}: claimed by another process, left to it", flush=True)
                 continue
             try:
-                if cell_done(out / cell_id):  # finished by another process meanwhile
+                if cell_done(out / c.id):  # finished by another process meanwhile
                     continue
-                print(f"[seed {seed}] {cell_id}: running", flush=True)
-                cell = run_peer(p, setup, out, dense_acc, args.quick)
+                print(f"[seed {seed}] {c.id}: running", flush=True)
+                cell = run_peer(c, setups[c.sparsity], out, dense_acc, args.quick)
             finally:
-                grid.release(out, cell_id)
-            print(f"[seed {seed}] {cell_id}: {cell['accuracy']:.2f} % at {cell['memory_mbit']:.3f} Mbit, "
+                grid.release(out, c.id)
+            print(f"[seed {seed}] {c.id}: {cell['accuracy']:.2f} % at {cell['memory_mbit']:.3f} Mbit, "
                   f"levels {cell['levels']} ({cell['seconds']:.0f} s)", flush=True)
     return 0
 
