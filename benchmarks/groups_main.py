@@ -14,7 +14,7 @@ Every cell is a ``prunequant run`` folder under ``benchmarks/results/groups/``; 
 stopped. The table (mean +- sample std over seeds) goes to ``groups.md`` / ``groups.json`` there::
 
     .venv/bin/python benchmarks/groups_main.py --seeds 0 1 2
-    .venv/bin/python benchmarks/groups_main.py --seeds 0 --cells on   # another process, once dense.pt exists
+    .venv/bin/python benchmarks/groups_main.py --seeds 0 --cells on --threads 1  # once dense.pt exists
     .venv/bin/python benchmarks/groups_main.py --table-only      # summarize what is finished
 
 ``--epochs-scale`` shortens every phase for a quick look (not the benchmark).
@@ -40,10 +40,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fmnist_resnet20_w4a4.yaml"
 OUT = ROOT / "benchmarks" / "results" / "groups"
 CELLS = ("off", "on", "on_eqmem")
+THREADS: int | None = None  # --threads: torch threads per cell (default: every core)
 
 
 def _config(seed: int, groups: bool, sparsity: float, dense: Path | None, scale: float) -> RunConfig:
     data = load_yaml(RECIPE)
+    if THREADS:
+        data["train"]["threads"] = THREADS
     data["train"]["seed"] = seed
     data["recipe"]["prune"]["groups"] = groups
     data["recipe"]["prune"]["sparsity"] = sparsity
@@ -193,7 +196,7 @@ def table() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    global OUT
+    global OUT, THREADS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--table-only", action="store_true", help="only summarize finished cells")
@@ -201,8 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT, help=f"results folder (default {OUT})")
     ap.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS),
                     help="only these cells (several processes can share the work once dense.pt exists)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads per cell (one per process when several processes share the cores)")
     args = ap.parse_args(argv)
     OUT = args.out
+    THREADS = args.threads
     if args.table_only:
         table()
     else:
