@@ -6,14 +6,14 @@ A run folder (``--out``) holds ``manifest.json``::
      "files": {"dense.pt": {"sha256": "...", "bytes": 112833}, "masked.pt": {...},
                "model/weights.pt": {...}, "model/pruning.json": {...}, "report.json": {...}}}
 
-It lists every file that prunequant reads back (``summary.md`` and the run's plots are for people
-and are not listed; ``prunequant analyze`` lists its ``analysis/ranking.json`` and heatmap). A run starts a new, empty manifest just before it writes its first file, adds
-each file right after writing it (both atomically, so the manifest never lists a file that is not
-complete) and adds ``report.json`` last. A folder whose manifest does not list ``report.json`` is
-thus a run that did not finish, and a file that was truncated, edited or replaced after the run
-wrote it no longer matches its entry. ``prunequant export`` checks every listed file before it
-reads any; ``train.dense_checkpoint`` checks its file against the manifest beside it, if any.
-"""
+It lists every file that prunequant reads back (``summary.md`` and the run's plots are for people and
+are not listed; ``prunequant analyze`` lists its ``analysis/ranking.json`` and heatmap). A run starts a
+new, empty manifest just before it writes its first file, adds each file right after writing it (both
+atomically, so the manifest never lists a file that is not complete) and adds ``report.json`` last. A
+folder whose manifest does not list ``report.json`` is thus a run that did not finish, and a file that
+was truncated, edited or replaced after the run wrote it no longer matches its entry. ``prunequant
+export`` checks every listed file before it reads any; ``train.dense_checkpoint`` checks its file
+against the manifest beside it, if any. """
 
 from __future__ import annotations
 

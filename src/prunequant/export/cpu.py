@@ -198,4 +198,14 @@ def cpu_features() -> CpuFeatures:
                        flags=tuple(sorted(flags)), source=source, saturating_u8s8=_saturating(arch, flags))
 
 
-__all__ = ["FLAGS", "CpuFeatures", "cpu_features"]
+__all__ = ["FLAGS", "CpuFeatures", "cpu_features", "machine_info"]
+
+
+def machine_info() -> dict[str, object]:
+    """What a measurement ran on (``report.json``'s ``machine``): the CPU class, brand and flags, torch, the
+    GPU if any. Float results differ across CPU classes, so every measured number carries this."""
+    import torch
+
+    cpu = cpu_features()
+    return {"cpu_class": cpu.name, "cpu": cpu.brand, "cpu_flags": list(cpu.flags), "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -32,6 +32,7 @@ from torch import Tensor, fx, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
+from ..export.cpu import machine_info
 from ..graph.plan import Plan
 from ..prune.mask import ACTIVATION_STATS
 from ..prune.ranking import compare, rank_sequence
@@ -348,6 +349,7 @@ def run_analysis(
                  "calibration_requested": int(calib), "batch_size": cfg.data.batch_size,
                  "augmented": False},
         "device": str(device),
+        "machine": machine_info(),
         "definitions": {
             "predecessor": "nearest site upstream whose mask reaches the site's producer input (graph), else "
                            "the previous site in plan order; pruned by the same measure on the dense network",

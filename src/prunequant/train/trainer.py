@@ -284,11 +284,9 @@ def _shrink_check(masked: nn.Module, final: nn.Module, dataset: Any, device: tor
 
 def _machine() -> dict[str, Any]:
     """What the numbers were measured on: float training results differ across CPU classes."""
-    from ..export.cpu import cpu_features
+    from ..export.cpu import machine_info
 
-    cpu = cpu_features()
-    return {"cpu_class": cpu.name, "cpu": cpu.brand, "cpu_flags": list(cpu.flags), "torch": torch.__version__,
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    return machine_info()
 
 
 def _check_schedule_fits(model: nn.Module, cfg: RunConfig, example: Tensor, spe: int,
