@@ -104,7 +104,8 @@ def _run_cell(cfg: RunConfig, out: Path) -> None:
     from prunequant.runfolder import RunFolder
     from prunequant.train.trainer import run
 
-    results = run(cfg, out, log=lambda m: None)
+    # overwrite: an interrupted cell is run again (from its own dense.pt when the config names it).
+    results = run(cfg, out, log=lambda m: None, overwrite=True)
     write_report({"config": cfg.to_dict(), **results}, out)
     RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
 
