@@ -49,9 +49,11 @@ def _load_config_file(config: str) -> dict[str, Any]:
         raise RecipeError(f"--config {config}: cannot be read ({e.strerror})") from None
 
 
-def build_config(config: str | None, overrides: list[str]) -> RunConfig:
-    """The run configuration: the file (or the embedded default) with ``--set`` overrides applied."""
-    data = _load_config_file(config) if config else {}  # one set of defaults: RunConfig's field defaults
+def build_config(config: str | None, overrides: list[str], base: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration: the file (or ``base``, or the embedded default) with ``--set`` overrides
+    applied."""
+    # one set of defaults: RunConfig's field defaults
+    data = _load_config_file(config) if config else (base or {})
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set expects key=value (e.g. recipe.prune.sparsity=0.75), got {item!r}")
@@ -72,8 +74,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise RecipeError(f"--out {args.out} and --resume {args.resume} name different folders; --resume "
                               "continues the run in its own folder (drop --out)")
         out = check_out_dir(args.resume, resume=True, overwrite=args.overwrite)
-        # The folder's configuration; a --config / --set that changes it is refused by run().
-        cfg = build_config(args.config, args.set or []) if (args.config or args.set) else read_run_config(out)
+        # The folder's configuration (--set applies to it); one that changes it is refused by run().
+        stored = read_run_config(out)
+        cfg = build_config(args.config, args.set or [], base=stored.to_dict()) if (args.config or args.set) \
+            else stored
     else:
         cfg = build_config(args.config, args.set or [])
         out = Path(args.out if args.out is not None else "runs/latest")

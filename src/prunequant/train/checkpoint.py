@@ -149,7 +149,10 @@ def load_checkpoint(run_dir: Path, name: str, config_sha256: str,
     except RecipeError as e:
         raise RecipeError(f"--resume: checkpoint {e}".replace("; restore the file or re-run `prunequant run` "
                                                               "into this folder", "") + f"; {fix}") from None
-    state = load_tensor_file(run_dir / name, RecipeError, f"--resume: checkpoint {run_dir / name}")
+    try:
+        state = load_tensor_file(run_dir / name, RecipeError, "--resume: checkpoint")
+    except RecipeError as e:
+        raise RecipeError(f"{e}; {fix}") from None
     raw = state.pop("meta", None)
     try:
         meta = json.loads(bytes(raw.tolist()).decode("utf-8")) if raw is not None else None
