@@ -543,7 +543,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
     comp_steps = max(1, int(round(cfg.train.epochs * spe)))
     _check_schedule_fits(model, cfg, example, spe, comp_steps)
 
-    lock = RunLock(out)
+    lock = RunLock(out, "--resume" if resume else "--out")
     lock.acquire(log)
     bar: _Progress | None = None
     try:
