@@ -85,10 +85,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.train.progress = False
     verb = "resuming" if args.resume is not None else "->"
     print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} {verb} {out}", flush=True)
-    results = run(cfg, out, resume=args.resume is not None, overwrite=args.overwrite)
-    results = {"config": cfg.to_dict(), **results}
-    paths = write_report(results, out)
-    RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+    paths: dict[str, Path] = {}
+
+    def finish(results: dict[str, Any]) -> None:  # still holding the folder's lock
+        paths.update(write_report({"config": cfg.to_dict(), **results}, out))
+        RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+
+    run(cfg, out, resume=args.resume is not None, overwrite=args.overwrite, finish=finish)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

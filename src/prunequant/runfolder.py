@@ -414,6 +414,8 @@ class RunFolder:
 
     def remove(self, *names: str) -> None:
         """Drop files from the manifest, then delete them (a crash in between leaves unlisted files)."""
+        if not names:
+            return
         files = read_manifest(self.path) or {}
         for name in names:
             files.pop(name, None)

@@ -484,7 +484,7 @@ def _check_schedule_fits(model: nn.Module, cfg: RunConfig, example: Tensor, spe:
 
 
 def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print, *, resume: bool = False,
-        overwrite: bool = False) -> dict[str, Any]:
+        overwrite: bool = False, finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run dense training and compression; return the results.
 
     Writes ``config.json`` (the configuration) first, then ``dense.pt`` (dense state dict),
@@ -499,7 +499,8 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
     (continue that unfinished run from its last checkpoint, or from its ``dense.pt``, or from the
     start; ``cfg`` must be the folder's ``config.json``, see :func:`read_run_config`) or
     ``overwrite`` (remove the earlier run's files first; a ``train.dense_checkpoint`` that is the
-    folder's own ``dense.pt`` is kept and used). ``run.lock`` keeps a second process out.
+    folder's own ``dense.pt`` is kept and used). ``run.lock`` keeps a second process out until
+    ``finish(results)`` (e.g. writing ``report.json``, as the CLI does) has returned.
     The resumed run ends with the results of the uninterrupted one, bit for bit (timings aside).
     Bad input (``out_dir``, ``train.device``, ``train.dense_checkpoint``, data) raises a user error
     before any file is written.
@@ -696,13 +697,22 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
             (out / ck.CHECKPOINTS).rmdir()
         except OSError:
             pass
+        bar.close()
+        timings["total_s"] = time.time() - t0
+        if ckw.written:
+            timings["checkpoints_written"] = len(ckw.written)
+        _final_results(results, data, spe, dense_steps, comp_steps, comp, timings, device)
+        if finish is not None:
+            finish(results)
     finally:
         if bar is not None:
             bar.close()
         lock.release()
-    timings["total_s"] = time.time() - t0
-    if ckw.written:
-        timings["checkpoints_written"] = len(ckw.written)
+    return results
+
+
+def _final_results(results: dict[str, Any], data: DataBundle, spe: int, dense_steps: int, comp_steps: int,
+                   comp: Compressor, timings: dict[str, Any], device: torch.device) -> None:
     results.update({
         "data": {"name": data.name, "source": data.source, "train": len(data.train), "val": len(data.val),
                  "test": len(data.test), "num_classes": data.num_classes,
@@ -721,7 +731,6 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
         "threads": torch.get_num_threads(),
         "machine": _machine(),
     })
-    return results
 
 
 __all__ = ["config_changes", "evaluate", "load_data", "read_run_config", "run", "seed_everything"]
