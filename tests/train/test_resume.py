@@ -169,3 +169,31 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_last_good_one(reference: P
     assert "step 24 of 48" in _resume(out, capsys)
     _same_run(reference, out)
     assert not half[0].exists()
+
+
+def test_the_batch_stream_is_the_shuffled_loader_and_resumes_anywhere() -> None:
+    """``_BatchStream`` gives the batches of ``DataLoader(shuffle=True, drop_last=True, generator=g)``
+    epoch after epoch (the order every run had before checkpoints), and a stream restored from any
+    saved position continues with exactly the batches (and generator states) of the original."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from prunequant.train.trainer import _batches, _BatchStream
+
+    data = TensorDataset(torch.arange(50).float().unsqueeze(1), torch.arange(50))
+    g = torch.Generator().manual_seed(7)
+    old = _batches(DataLoader(data, batch_size=8, shuffle=True, drop_last=True, generator=g))
+    stream = _BatchStream(data, 8, seed=7)
+    assert len(stream) == 6
+    ref, saved = [], []
+    for _ in range(20):  # 3 1/3 epochs
+        saved.append(stream.position())
+        b = next(stream)
+        assert torch.equal(b[1], next(old)[1])
+        ref.append(b[1])
+    for k in (0, 1, 5, 6, 7, 13):
+        other = _BatchStream(data, 8, seed=7)
+        other.seek(*saved[k])
+        got = [next(other)[1] for _ in range(20 - k)]
+        assert all(torch.equal(a, b) for a, b in zip(got, ref[k:])), k
+    stream.restart()
+    assert torch.equal(next(stream)[1], ref[0])
