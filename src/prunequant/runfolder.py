@@ -154,7 +154,7 @@ def clear_run(path: Path, keep: Iterable[str] = ()) -> list[str]:
     interruption leaves a folder that no longer claims to hold the earlier run. Returns what went."""
     keep = set(keep)
     gone = []
-    for name in OWN_ENTRIES:
+    for name in (MANIFEST, *(n for n in OWN_ENTRIES if n != MANIFEST)):  # the manifest first
         q = path / name
         if name in keep or not (q.exists() or q.is_symlink()):
             continue
