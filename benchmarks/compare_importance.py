@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             if done.exists():  # resumable: a finished (seed, method) is not run again
                 res = json.loads(done.read_text())
             else:
-                res = run(cfg, rdir, log=lambda s: print(s, file=sys.stderr))
+                # overwrite: a folder left by an interrupted run is run again
+                res = run(cfg, rdir, log=lambda s: print(s, file=sys.stderr), overwrite=True)
                 if not dense.exists():
                     (rdir / "dense.pt").replace(dense)
                 atomic_write_json(done, res)

@@ -519,10 +519,15 @@ def run_cell(cfg: Any, folder: Path, log: Callable[[str], None]) -> dict[str, An
     from prunequant.runfolder import RunFolder
     from prunequant.train.trainer import run
 
-    results = run(cfg, folder, log=log)
-    report = {"config": cfg.to_dict(), **results}
-    write_report(report, folder)
-    RunFolder(folder).record("report.json")  # last: a manifest listing report.json is a finished run
+    report: dict[str, Any] = {}
+
+    def finish(results: dict[str, Any]) -> None:  # while the run still holds the folder's lock
+        report.update({"config": cfg.to_dict(), **results})
+        write_report(report, folder)
+        RunFolder(folder).record("report.json")  # last: a manifest listing report.json is a finished run
+
+    # overwrite: a cell folder left by an interrupted run is run again
+    run(cfg, folder, log=log, overwrite=True, finish=finish)
     return report
 
 

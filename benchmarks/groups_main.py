@@ -107,9 +107,12 @@ def _run_cell(cfg: RunConfig, out: Path) -> None:
     from prunequant.runfolder import RunFolder
     from prunequant.train.trainer import run
 
-    results = run(cfg, out, log=lambda m: None)
-    write_report({"config": cfg.to_dict(), **results}, out)
-    RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+    # overwrite: an interrupted cell is run again (from its own dense.pt when the config names it).
+    def finish(results: dict) -> None:  # while the run still holds the folder's lock
+        write_report({"config": cfg.to_dict(), **results}, out)
+        RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+
+    run(cfg, out, log=lambda m: None, overwrite=True, finish=finish)
 
 
 def run_cells(seeds: list[int], scale: float, cells: tuple[str, ...] = CELLS) -> None:

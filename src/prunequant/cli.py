@@ -49,9 +49,11 @@ def _load_config_file(config: str) -> dict[str, Any]:
         raise RecipeError(f"--config {config}: cannot be read ({e.strerror})") from None
 
 
-def build_config(config: str | None, overrides: list[str]) -> RunConfig:
-    """The run configuration: the file (or the embedded default) with ``--set`` overrides applied."""
-    data = _load_config_file(config) if config else {}  # one set of defaults: RunConfig's field defaults
+def build_config(config: str | None, overrides: list[str], base: dict[str, Any] | None = None) -> RunConfig:
+    """The run configuration: the file (or ``base``, or the embedded default) with ``--set`` overrides
+    applied."""
+    # one set of defaults: RunConfig's field defaults
+    data = _load_config_file(config) if config else (base or {})
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"--set expects key=value (e.g. recipe.prune.sparsity=0.75), got {item!r}")
@@ -61,20 +63,35 @@ def build_config(config: str | None, overrides: list[str]) -> RunConfig:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``prunequant run``."""
+    """``prunequant run``; ``--resume OUT`` continues an interrupted run with the configuration stored in
+    its folder, ``--overwrite`` replaces the run a folder holds."""
     from .report import write_report
-    from .runfolder import RunFolder
-    from .train.trainer import run
+    from .runfolder import RunFolder, check_out_dir
+    from .train.trainer import read_run_config, run
 
-    cfg = build_config(args.config, args.set or [])
+    if args.resume is not None:
+        if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise RecipeError(f"--out {args.out} and --resume {args.resume} name different folders; --resume "
+                              "continues the run in its own folder (drop --out)")
+        out = check_out_dir(args.resume, resume=True, overwrite=args.overwrite)
+        # The folder's configuration (--set applies to it); one that changes it is refused by run().
+        stored = read_run_config(out)
+        cfg = build_config(args.config, args.set or [], base=stored.to_dict()) if (args.config or args.set) \
+            else stored
+    else:
+        cfg = build_config(args.config, args.set or [])
+        out = Path(args.out if args.out is not None else "runs/latest")
     if args.no_progress:
         cfg.train.progress = False
-    out = Path(args.out)
-    print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} -> {out}", flush=True)
-    results = run(cfg, out)
-    results = {"config": cfg.to_dict(), **results}
-    paths = write_report(results, out)
-    RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+    verb = "resuming" if args.resume is not None else "->"
+    print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} {verb} {out}", flush=True)
+    paths: dict[str, Path] = {}
+
+    def finish(results: dict[str, Any]) -> None:  # still holding the folder's lock
+        paths.update(write_report({"config": cfg.to_dict(), **results}, out))
+        RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
+
+    run(cfg, out, resume=args.resume is not None, overwrite=args.overwrite, finish=finish)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -304,7 +321,13 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train dense, prune layerwise, quantize, evaluate, report")
     r.add_argument("--config", help="YAML run configuration (default: the embedded default recipe)")
-    r.add_argument("--out", default="runs/latest", help="output folder (default: runs/latest)")
+    r.add_argument("--out", default=None, help="output folder (default: runs/latest); it must be new, empty "
+                   "or hold no run (see --resume, --overwrite)")
+    r.add_argument("--resume", metavar="OUT", default=None,
+                   help="continue the unfinished run in folder OUT from its last checkpoint, with the "
+                        "configuration stored there (train.checkpoint_every / checkpoint_minutes)")
+    r.add_argument("--overwrite", action="store_true",
+                   help="replace the run the --out folder holds (its files are removed first)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a field, e.g. --set recipe.prune.sparsity=0.75 (repeatable)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

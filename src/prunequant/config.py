@@ -70,6 +70,14 @@ class TrainConfig(_Strict):
     dense_checkpoint: str | None = Field(
         None, description="load dense weights (a run's dense.pt) instead of training; the compression "
         "phase is then the same as in the run that wrote it")
+    checkpoint_every: int | None = Field(
+        None, ge=1, le=10**9,
+        description="write a checkpoint every this many training steps (dense and compression phases "
+        "counted together); null: by time only")
+    checkpoint_minutes: float | None = Field(
+        15.0, gt=0.0, le=10**6,
+        description="also write a checkpoint when this many minutes passed since the last one (checked "
+        "after each step); null: by steps only. Both null: no checkpoints, the run cannot be resumed")
     progress: bool = True
 
 

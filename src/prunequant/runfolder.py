@@ -6,20 +6,30 @@ A run folder (``--out``) holds ``manifest.json``::
      "files": {"dense.pt": {"sha256": "...", "bytes": 112833}, "masked.pt": {...},
                "model/weights.pt": {...}, "model/pruning.json": {...}, "report.json": {...}}}
 
-It lists every file that prunequant reads back (``summary.md`` and the run's plots are for people and
-are not listed; ``prunequant analyze`` lists its ``analysis/ranking.json`` and heatmap). A run starts a
-new, empty manifest just before it writes its first file, adds each file right after writing it (both
-atomically, so the manifest never lists a file that is not complete) and adds ``report.json`` last. A
-folder whose manifest does not list ``report.json`` is thus a run that did not finish, and a file that
-was truncated, edited or replaced after the run wrote it no longer matches its entry. ``prunequant
-export`` checks every listed file before it reads any; ``train.dense_checkpoint`` checks its file
-against the manifest beside it, if any. """
+It lists every file that prunequant reads back (``summary.md`` and the run's plots are for people
+and are not listed; ``prunequant analyze`` lists its ``analysis/ranking.json`` and heatmap). A run
+starts a new, empty manifest just before it writes its first file, adds each file right after
+writing it (both atomically, so the manifest never lists a file that is not complete) and adds
+``report.json`` last. A folder whose manifest does not list ``report.json`` is thus a run that did
+not finish, and a file that was truncated, edited or replaced after the run wrote it no longer
+matches its entry. ``prunequant export`` checks every listed file before it reads any;
+``train.dense_checkpoint`` checks its file against the manifest beside it, if any.
+
+A run folder belongs to one run. A run writes ``config.json`` (its configuration, listed) first, holds
+``run.lock`` (pid, host, start time; created with ``O_CREAT | O_EXCL``) while it writes, and keeps
+its latest checkpoints in ``checkpoints/`` (listed; see :mod:`prunequant.train.checkpoint`). Another
+run may write into the folder only to continue it (``resume``) or to replace it (``overwrite``,
+which first removes every file the earlier run wrote); :func:`check_out_dir` refuses anything else.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+import shutil
+import socket
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +39,17 @@ from .recipe import RecipeError
 from .utils import atomic_torch_save, atomic_write_json, sha256_file
 
 MANIFEST = "manifest.json"
+CONFIG = "config.json"
+LOCK = "run.lock"
+CHECKPOINTS = "checkpoints"
 FORMAT = "prunequant-run"
 VERSION = 1
 #: What ``prunequant run`` writes at the top of its folder (besides the manifest).
 RUN_ENTRIES = ("report.json", "summary.md", "channels.png", "accuracy_memory.png", "dense.pt", "masked.pt",
-               "model")
+               "model", CONFIG, CHECKPOINTS)
+#: What ``overwrite`` removes: everything a run, ``prunequant export`` (default names) and
+#: ``prunequant analyze`` (default folder) write into a run folder; other files stay.
+OWN_ENTRIES = (*RUN_ENTRIES, MANIFEST, "analysis", "model.qdq.onnx", "model.qonnx.onnx", "model.pqpack")
 
 
 def _first_existing(path: Path) -> Path:
@@ -55,20 +71,58 @@ def _older_run(path: Path) -> bool:
     return isinstance(data, dict) and "prunequant_version" in data and "schema_version" in data
 
 
-def check_out_dir(path: str | Path, field: str = "--out") -> Path:
-    """Refuse an output folder that cannot be written, or whose files a run would clobber.
+def _run_in(p: Path) -> tuple[str, bool] | None:
+    """What run ``p`` holds (a description, and whether it can be resumed), or None if no run's."""
+    if (p / MANIFEST).is_file():
+        try:
+            files = read_manifest(p)
+        except RecipeError:
+            return "a run whose manifest.json is damaged", False
+        files = files or {}
+        if "report.json" in files:
+            return "a finished run (its manifest.json lists report.json)", False
+        if CONFIG in files:
+            return "an unfinished run (manifest.json without report.json)", True
+        return "an unfinished run of a prunequant that could not resume it (no config.json)", False
+    if _older_run(p):
+        return "a run of an older prunequant (its report.json; no manifest.json)", False
+    own = [n for n in (CONFIG, CHECKPOINTS) if (p / n).exists()]
+    if own:  # the lock alone is not a run: RunLock refuses a live holder and takes over a dead one
+        return f"files of a prunequant run ({', '.join(own)}; no {MANIFEST})", False
+    return None
+
+
+def check_out_dir(path: str | Path, field: str = "--out", *, resume: bool = False,
+                  overwrite: bool = False) -> Path:
+    """Refuse an output folder that cannot be written, or that holds another run's or foreign files.
 
     Accepted: a folder that does not exist yet (under a writable folder), or an existing folder
-    that holds none of :data:`RUN_ENTRIES` or is an earlier run's folder (has ``manifest.json``, or,
-    written by an older prunequant, a ``report.json`` of a run).
+    that holds none of :data:`RUN_ENTRIES` and no run. A run's folder (``manifest.json``, or,
+    written by an older prunequant, a ``report.json`` of a run) only with ``overwrite`` (the caller
+    replaces it) or, when the run is unfinished and has its ``config.json``, with ``resume``.
     Checks only; creates nothing. Raises :class:`RecipeError` naming ``field``.
     """
     p = Path(path)
+    if resume and overwrite:
+        raise RecipeError("--resume and --overwrite exclude each other: --resume continues the run in the "
+                          "folder, --overwrite replaces it with a new run; pass one")
     if p.exists() and not p.is_dir():
         hint = (f"did you mean --config {p}? " if p.suffix in (".yaml", ".yml") else
                 f"did you mean --out {p.with_suffix('') if p.suffix else Path(str(p) + '_run')}? ")
         raise RecipeError(f"{field} {p}: is an existing file, not a folder; {hint}(the file was left "
                           "untouched; nothing was written)")
+    if resume:
+        if not p.is_dir():
+            raise RecipeError(f"--resume {p}: no such folder; pass the --out folder of an unfinished "
+                              "`prunequant run` (nothing was written)")
+        held = _run_in(p)
+        if held is None:
+            raise RecipeError(f"--resume {p}: holds no prunequant run (no {MANIFEST}); pass the --out folder "
+                              "of an unfinished `prunequant run` (nothing was written)")
+        what, resumable = held
+        if not resumable:
+            raise RecipeError(f"--resume {p}: holds {what}, which cannot be resumed; run it again with "
+                              f"--out {p} --overwrite, or into a new folder (nothing was written)")
     anc = _first_existing(p)
     if not anc.is_dir():
         raise RecipeError(f"{field} {p}: {anc} is a file, so no folder can be made under it; choose "
@@ -76,14 +130,163 @@ def check_out_dir(path: str | Path, field: str = "--out") -> Path:
     if not os.access(anc, os.W_OK | os.X_OK):
         raise RecipeError(f"{field} {p}: cannot write into {anc} (permission denied); choose a folder "
                           "you can write to")
-    if p.is_dir() and not (p / MANIFEST).is_file() and not _older_run(p):
-        clash = sorted(n for n in RUN_ENTRIES if (p / n).exists())
-        if clash:
-            raise RecipeError(
-                f"{field} {p}: holds {', '.join(clash)}, which no prunequant run wrote (there is no "
-                f"{MANIFEST} and no run's report.json) and a run would overwrite; choose a new or empty "
-                "folder, or move them away (nothing was written)")
+    if p.is_dir() and not resume:
+        held = _run_in(p)
+        if held is not None and not overwrite:
+            what, resumable = held
+            ways = (f"continue it with `prunequant run --resume {p}`, replace it with --overwrite"
+                    if resumable else "replace it with --overwrite")
+            raise RecipeError(f"{field} {p}: holds {what}; a run folder belongs to one run: {ways}, or "
+                              "choose a new folder (nothing was written)")
+        if held is None:
+            clash = sorted(n for n in RUN_ENTRIES if (p / n).exists())
+            if clash:
+                raise RecipeError(
+                    f"{field} {p}: holds {', '.join(clash)}, which no prunequant run wrote (there is no "
+                    f"{MANIFEST} and no run's report.json) and a run would overwrite; choose a new or empty "
+                    "folder, or move them away (nothing was written)")
     return p
+
+
+def clear_run(path: Path, keep: Iterable[str] = ()) -> list[str]:
+    """Remove the files an earlier run wrote into ``path`` (:data:`OWN_ENTRIES` and leftover temporary
+    files of atomic writes), except ``keep``; other files stay. The manifest goes first, so an
+    interruption leaves a folder that no longer claims to hold the earlier run. Returns what went."""
+    keep = set(keep)
+    gone = []
+    for name in (MANIFEST, *(n for n in OWN_ENTRIES if n != MANIFEST)):  # the manifest first
+        q = path / name
+        if name in keep or not (q.exists() or q.is_symlink()):
+            continue
+        if q.is_dir() and not q.is_symlink():
+            shutil.rmtree(q)
+        else:
+            q.unlink()
+        gone.append(name)
+    for q in path.glob(".*.tmp"):  # atomic_write's temporary files of a crashed writer
+        if q.is_file():
+            q.unlink()
+            gone.append(q.name)
+    return gone
+
+
+# ----------------------------------------------------------------------------------------------- lock
+HOST = socket.gethostname()
+
+
+def _proc_start(pid: int) -> str | None:
+    """The process's start time (Linux ``/proc/<pid>/stat`` field 22): tells a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    now = _proc_start(pid)
+    return not (started and now and now != started)
+
+
+def _read_lock(path: Path) -> dict[str, Any] | None:
+    """The lock's holder, ``{}`` when unreadable (being written), None when there is no lock."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return {}
+    try:
+        d = json.loads(text)
+    except json.JSONDecodeError:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+class RunLock:
+    """``run.lock`` in a run folder: one process writes the folder at a time.
+
+    Taken with ``O_CREAT | O_EXCL`` (atomic) and holding ``{pid, host, started, time}``. A lock of a
+    process on this host that no longer runs (or whose pid now belongs to another process) is stale
+    and taken over, with a message; a live holder, or one on another host, is refused.
+    """
+
+    def __init__(self, folder: str | Path, field: str = "--out"):
+        self.path = Path(folder) / LOCK
+        self.field = field
+        self.held = False
+
+    def acquire(self, log: Callable[[str], None] = print) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": HOST, "started": _proc_start(os.getpid()), "time": time.time()}
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = _read_lock(self.path)
+                if holder is None:
+                    continue  # released meanwhile
+                if not self._stale(holder):
+                    self._refuse(holder)
+                away = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
+                try:
+                    os.rename(self.path, away)
+                except FileNotFoundError:
+                    continue  # another process took it over first
+                if _read_lock(away) != holder:  # a fresh lock replaced the stale one: put it back
+                    try:
+                        os.link(away, self.path)
+                    except FileExistsError:
+                        pass
+                    os.unlink(away)
+                    continue
+                os.unlink(away)
+                log(f"note: {self.path}: took over the lock of pid {holder.get('pid')} on "
+                    f"{holder.get('host')}, which is no longer running (an interrupted run)")
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            self.held = True
+            return
+        raise RecipeError(f"{self.field} {self.path.parent}: could not take {self.path} (other processes "
+                          "keep taking it); try again")
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if not holder:  # empty: being written, unless it stayed empty (its writer died)
+            try:
+                return time.time() - self.path.stat().st_mtime > 60
+            except OSError:
+                return False
+        if holder.get("host") != HOST or not isinstance(holder.get("pid"), int):
+            return False  # another machine's process cannot be checked from here
+        return not _alive(holder["pid"], holder.get("started"))
+
+    def _refuse(self, holder: dict[str, Any]) -> None:
+        since = holder.get("time")
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since)) if isinstance(since, (int, float)) \
+            else "?"
+        who = f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, since {when}"
+        extra = (f"; if that process is gone (another machine's processes cannot be checked from here), "
+                 f"delete {self.path}") if holder.get("host") not in (None, HOST) else ""
+        raise RecipeError(f"{self.field} {self.path.parent}: another prunequant process is writing this "
+                          f"folder ({who}; {LOCK}); a run folder belongs to one run: wait for it to end or "
+                          f"choose another folder{extra} (nothing was written)")
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        self.held = False
+        holder = _read_lock(self.path)
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == HOST:
+            self.path.unlink(missing_ok=True)
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, dict[str, Any]] | None:
@@ -176,9 +379,9 @@ def check_beside_manifest(path: str | Path, field: str) -> None:
 class RunFolder:
     """Writes a run's files and keeps ``manifest.json`` in step (see the module docstring)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, existing: bool = False):
         self.path = Path(path)
-        self._begun = False
+        self._begun = existing  # True: continue the folder's manifest (a resumed run)
 
     def begin(self) -> None:
         """Start a new, empty manifest (called before the run's first file is written)."""
@@ -201,6 +404,25 @@ class RunFolder:
         self.record(name)
         return path
 
+    def save_json(self, name: str, data: Any) -> Path:
+        """Write JSON atomically and record it."""
+        if not self._begun:
+            self.begin()
+        path = atomic_write_json(self.path / name, data)
+        self.record(name)
+        return path
 
-__all__ = ["MANIFEST", "RunFolder", "check_beside_manifest", "check_out_dir", "read_manifest", "verify_file",
-           "verify_run"]
+    def remove(self, *names: str) -> None:
+        """Drop files from the manifest, then delete them (a crash in between leaves unlisted files)."""
+        if not names:
+            return
+        files = read_manifest(self.path) or {}
+        for name in names:
+            files.pop(name, None)
+        _write_manifest(self.path, files)
+        for name in names:
+            (self.path / name).unlink(missing_ok=True)
+
+
+__all__ = ["CHECKPOINTS", "CONFIG", "LOCK", "MANIFEST", "RunFolder", "RunLock", "check_beside_manifest",
+           "check_out_dir", "clear_run", "read_manifest", "verify_file", "verify_run"]

@@ -37,8 +37,8 @@ TINY = {
         "quant": {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 1, "act_delay": 1},
     },
 }
-RUN_FILES = ["dense.pt", "manifest.json", "masked.pt", "model/pruning.json", "model/weights.pt",
-             "report.json"]
+RUN_FILES = ["config.json", "dense.pt", "manifest.json", "masked.pt", "model/pruning.json",
+             "model/weights.pt", "report.json"]
 
 
 class Payload:
@@ -160,13 +160,22 @@ def test_run_from_dense_checkpoint_checks_it_and_honours_a_private_umask(
             assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
 
 
-def test_rerun_into_its_own_folder_keeps_dense_pt_usable(run_dir: Path, config: Path) -> None:
-    """--out RUN with RUN/dense.pt as the checkpoint: dense.pt stays listed, checked and reusable."""
+def test_rerun_into_its_own_folder_keeps_dense_pt_usable(run_dir: Path, config: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """--out RUN --overwrite with RUN/dense.pt as the checkpoint: dense.pt stays listed, checked and
+    reusable (without --overwrite the folder, which holds a run, is refused)."""
     args = ["run", "--config", str(config), "--out", str(run_dir), "--no-progress",
             "--set", f"train.dense_checkpoint={run_dir / 'dense.pt'}"]
-    assert main(args) == 0
+    before = _snapshot(run_dir)
+    _fails(args, capsys, f"--out {run_dir}: holds a finished run", "--overwrite", "nothing was written")
+    assert _snapshot(run_dir) == before
+    (run_dir / "model.pqpack").write_bytes(b"an export of the earlier run")
+    (run_dir / "notes.txt").write_text("mine\n")
+    assert main([*args, "--overwrite"]) == 0
     man = json.loads((run_dir / "manifest.json").read_text())
     assert sorted(man["files"]) == sorted(set(RUN_FILES) - {"manifest.json"})
+    assert not (run_dir / "model.pqpack").exists()  # the earlier run's export went with it
+    assert (run_dir / "notes.txt").read_text() == "mine\n"  # not a run's file: kept
     assert main(["export", str(run_dir), "--format", "packed"]) == 0
 
 
@@ -206,18 +215,29 @@ def test_out_holds_foreign_files(tmp_path: Path, config: Path, capsys: pytest.Ca
     assert _snapshot(tmp_path) == before
 
 
-def test_out_may_be_an_older_run_folder(tmp_path: Path) -> None:
-    """A folder an older prunequant wrote (report.json of a run, no manifest) may be run into again."""
-    from prunequant.runfolder import check_out_dir
+def test_out_may_not_be_an_older_run_folder(tmp_path: Path) -> None:
+    """A folder an older prunequant wrote (report.json of a run, no manifest) is a run's folder: refused
+    without --overwrite, which replaces it; a report.json that is no run's is foreign either way."""
+    from prunequant.runfolder import check_out_dir, clear_run
     from prunequant.utils import atomic_write_json
 
     old = tmp_path / "old"
     atomic_write_json(old / "report.json", {"schema_version": 1, "prunequant_version": "0.1.0"})
     (old / "dense.pt").write_bytes(b"")
-    assert check_out_dir(old) == old
-    (old / "report.json").write_text('{"schema_version": 1')  # not a report: refused
-    with pytest.raises(RecipeError, match="no prunequant run wrote"):
+    with pytest.raises(RecipeError, match="holds a run of an older prunequant .* replace it with --overwrite"
+                       ):
         check_out_dir(old)
+    assert check_out_dir(old, overwrite=True) == old
+    with pytest.raises(RecipeError, match="cannot be resumed"):
+        check_out_dir(old, resume=True)
+    (old / "manifest.json").write_text("{}")
+    assert clear_run(old)[0] == "manifest.json"  # first: an interruption leaves no folder claiming the run
+    assert not any(old.iterdir())
+    atomic_write_json(old / "report.json", {"schema_version": 1, "prunequant_version": "0.1.0"})
+    (old / "report.json").write_text('{"schema_version": 1')  # not a report: refused
+    for overwrite in (False, True):
+        with pytest.raises(RecipeError, match="no prunequant run wrote"):
+            check_out_dir(old, overwrite=overwrite)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -5,8 +5,10 @@
 * ``prunequant_version``, ``config`` (the validated run configuration), ``data`` (name, source,
   split sizes, input shape), ``steps_per_epoch``, ``steps`` (dense / compress), ``timeline`` (steps
   at which pruning begins / the last mask froze / quantization begins / weights and activations
-  start quantizing), ``timing`` (seconds), ``device``, ``threads``, ``machine`` (the CPU class and
-  brand, its integer-kernel flags, the torch version: float results differ across CPU classes);
+  start quantizing), ``timing`` (seconds of this process; with ``checkpoints_written`` when it
+  wrote any and ``resumed_at_step`` for a resumed run), ``device``, ``threads``, ``machine`` (the
+  CPU class and brand, its integer-kernel flags, the torch version: float results differ across
+  CPU classes);
 * ``shrink_check``: the masked vs the physically smaller model on up to 2,000 test images
   (``samples``, ``samples_differing`` beyond float noise, ``max_abs_diff``, ``argmax_agreement``);
 * ``phases``: ``dense``, ``pruned`` (when pruning ran: measured at the step the last mask froze, with

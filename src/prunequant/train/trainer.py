@@ -10,9 +10,12 @@ Phases (each evaluated on the validation and test sets and measured with :func:`
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -23,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from ..config import RunConfig
@@ -33,8 +36,18 @@ from ..metrics.measure import measure
 from ..models import build_model
 from ..quant.quantizers import ActQuantizer
 from ..recipe import RecipeError
-from ..runfolder import RunFolder, check_beside_manifest, check_out_dir
+from ..runfolder import (
+    CONFIG,
+    RunFolder,
+    RunLock,
+    check_beside_manifest,
+    check_out_dir,
+    clear_run,
+    read_manifest,
+    verify_file,
+)
 from ..utils import eval_mode, load_tensor_file
+from . import checkpoint as ck
 from .compressor import Compressor
 
 FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
@@ -123,6 +136,83 @@ def _batches(loader: DataLoader) -> Iterator[tuple[Tensor, Tensor]]:
         yield from loader
 
 
+class _SkippingBatchSampler(BatchSampler):
+    """``BatchSampler`` that can skip the first ``skip`` batches of its next epoch (drawing the epoch's
+    permutation as usual, fetching no data)."""
+
+    skip = 0
+
+    def __iter__(self) -> Iterator[list[int]]:
+        skip, self.skip = self.skip, 0
+        it = super().__iter__()
+        for _ in range(skip):
+            next(it, None)
+        yield from it
+
+
+class _BatchStream:
+    """Endless batches over epochs of a shuffled loader, with a position that can be saved and restored.
+
+    The same batches, in the same order, as ``DataLoader(data, batch_size, shuffle=True,
+    drop_last=True, generator=g)`` iterated epoch after epoch; the position is the generator state at
+    the start of the current epoch plus the number of batches taken from it.
+    """
+
+    def __init__(self, data: Any, batch_size: int, seed: int):
+        self.seed = seed
+        self.g = torch.Generator().manual_seed(seed)
+        self.sampler = _SkippingBatchSampler(RandomSampler(data, generator=self.g), batch_size,
+                                             drop_last=True)
+        self.loader = DataLoader(data, batch_sampler=self.sampler, generator=self.g)
+        self._it: Iterator | None = None
+        self.epoch = 0  # epochs started since the last restart
+        self.batch = 0  # batches taken from the current epoch
+        self.epoch_state = self.g.get_state()
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> _BatchStream:
+        return self
+
+    def restart(self) -> None:
+        """Back to the first batch of the first epoch (what a fresh loader seeded the same gives)."""
+        self.g.manual_seed(self.seed)
+        self._it = None
+        self.epoch = self.batch = 0
+
+    def __next__(self) -> tuple[Tensor, Tensor]:
+        if self._it is not None:
+            try:
+                b = next(self._it)
+                self.batch += 1
+                return b
+            except StopIteration:
+                pass
+        self.epoch_state = self.g.get_state()
+        self.epoch += 1
+        self.batch = 0
+        self._it = iter(self.loader)
+        b = next(self._it)
+        self.batch = 1
+        return b
+
+    def position(self) -> tuple[dict[str, Tensor], dict[str, int]]:
+        return {"loader.epoch_state": self.epoch_state.clone()}, {"epoch": self.epoch, "batch": self.batch}
+
+    def seek(self, tensors: dict[str, Tensor], pos: dict[str, int]) -> None:
+        """Continue from a saved :meth:`position`: the epoch's permutation is drawn again, batches skipped."""
+        self.epoch, self.batch = int(pos["epoch"]), int(pos["batch"])
+        self._it = None
+        if self.epoch == 0:
+            self.g.manual_seed(self.seed)
+            return
+        self.epoch_state = tensors["loader.epoch_state"].clone()
+        self.g.set_state(self.epoch_state)
+        self.sampler.skip = self.batch
+        self._it = iter(self.loader)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 1000) -> float:
     """Top-1 accuracy in percent."""
@@ -144,10 +234,10 @@ def _lr_at(base: float, step: int, total: int, kind: str) -> float:
 class _Progress:
     """One tqdm bar for the whole run, its description naming the current phase."""
 
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
         interactive = sys.stderr.isatty()
         self.bar = tqdm(total=total, disable=not enabled, dynamic_ncols=True, file=sys.stderr,
-                        mininterval=0.5 if interactive else 15.0, leave=True)
+                        mininterval=0.5 if interactive else 15.0, leave=True, initial=initial)
         self._desc = ""
 
     def phase(self, desc: str) -> None:
@@ -183,16 +273,22 @@ def _compress_phase_name(comp: Compressor) -> str:
 def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Callable[[int], float],
                  cfg: RunConfig, device: torch.device, bar: _Progress, phase: Callable[[], str],
                  on_step: Callable[[int], None] | None = None,
-                 teacher: nn.Module | None = None) -> list[float]:
-    """Run ``steps`` SGD steps. ``lr`` is a base rate (scheduled by ``train.scheduler``) or a function
-    of the step. With ``teacher``, the loss mixes in ``train.distill`` x KL to its soft outputs."""
+                 teacher: nn.Module | None = None, start: int = 0,
+                 opt_state: dict[str, Tensor] | None = None,
+                 after_step: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[float]:
+    """Run SGD steps ``start`` .. ``steps - 1``. ``lr`` is a base rate (scheduled by ``train.scheduler``)
+    or a function of the step. With ``teacher``, the loss mixes in ``train.distill`` x KL to its soft
+    outputs. ``opt_state`` (:func:`checkpoint.optimizer_tensors`) continues a saved optimizer;
+    ``after_step(k, opt)`` runs after ``on_step(k)`` (checkpoints)."""
     t = cfg.train
     lr_fn = lr if callable(lr) else (lambda k: _lr_at(lr, k, steps, t.scheduler))
     opt = torch.optim.SGD(model.parameters(), lr=lr_fn(0), momentum=t.momentum,
                           weight_decay=t.weight_decay, nesterov=t.momentum > 0)
+    if opt_state:
+        ck.load_optimizer(opt, opt_state)
     losses = []
     model.train()
-    for k in range(steps):
+    for k in range(start, steps):
         for g in opt.param_groups:
             g["lr"] = lr_fn(k)
         bar.phase(phase())
@@ -216,7 +312,89 @@ def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Ca
         bar.update(lv)
         if on_step is not None:
             on_step(k)
+        if after_step is not None:
+            after_step(k, opt)
     return losses
+
+
+class _Checkpointer:
+    """Writes a checkpoint when ``train.checkpoint_every`` steps or ``train.checkpoint_minutes`` passed.
+
+    Between checkpoints a step costs one modulo and one clock read. The test hook
+    ``_PRUNEQUANT_KILL_AFTER_STEP=N`` makes the process SIGKILL itself after global step N (after
+    its checkpoint, if one is due), ``_PRUNEQUANT_KILL_IN_CHECKPOINT=N`` in the middle of writing
+    the checkpoint of step N.
+    """
+
+    def __init__(self, cfg: RunConfig, folder: RunFolder, stream: _BatchStream, config_sha256: str):
+        t = cfg.train
+        self.every = t.checkpoint_every
+        self.seconds = None if t.checkpoint_minutes is None else 60.0 * t.checkpoint_minutes
+        self.folder, self.stream, self.config_sha256 = folder, stream, config_sha256
+        self.last = time.monotonic()
+        kill = os.environ.get("_PRUNEQUANT_KILL_AFTER_STEP")
+        self.kill_after = int(kill) if kill and kill.strip().isdigit() else None
+        self.written: list[int] = []
+
+    def due(self, global_step: int) -> bool:
+        if self.every is not None and global_step % self.every == 0:
+            return True
+        return self.seconds is not None and time.monotonic() - self.last >= self.seconds
+
+    def after(self, global_step: int, last: bool, save: Callable[[], None]) -> None:
+        """After global step ``global_step`` (1-based count of completed steps); ``last``: the phase's
+        last step (its end is saved otherwise: dense.pt, or the run's final files)."""
+        if not last and self.due(global_step):
+            save()
+            self.last = time.monotonic()
+            self.written.append(global_step)
+        if self.kill_after is not None and global_step == self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def save(self, phase: str, step: int, global_step: int, model: nn.Module, opt: torch.optim.Optimizer,
+             results: dict[str, Any]) -> None:
+        rng, rng_meta = ck.rng_tensors()
+        pos_t, pos = self.stream.position()
+        tensors = {**{f"model.{k}": v.detach() for k, v in model.state_dict().items()},
+                   **ck.optimizer_tensors(opt), **pos_t, **rng}
+        meta = {"phase": phase, "step": step, "global_step": global_step, "loader": pos, "rng": rng_meta,
+                "config_sha256": self.config_sha256, "results": results}
+        ck.save_checkpoint(self.folder, global_step, tensors, meta)
+
+
+def _config_digest(cfg_dict: dict[str, Any]) -> str:
+    d = copy.deepcopy(cfg_dict)
+    d.get("train", {}).pop("progress", None)  # display only
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration stored in an (unfinished) run folder, checked against its manifest."""
+    p = Path(run_dir)
+    files = read_manifest(p) or {}
+    try:
+        verify_file(p, CONFIG, files)
+        data = json.loads((p / CONFIG).read_bytes().decode("utf-8"))
+    except RecipeError as e:
+        raise RecipeError(f"--resume: {e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecipeError(f"--resume: {p / CONFIG}: not valid JSON ({e})") from None
+    return RunConfig.from_dict(data, where=str(p / CONFIG))
+
+
+def config_changes(stored: RunConfig, given: RunConfig) -> list[str]:
+    """The fields (dotted) where ``given`` differs from ``stored`` (``train.progress`` is ignored)."""
+    out: list[str] = []
+
+    def walk(a: Any, b: Any, path: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        elif a != b and path != "train.progress":
+            out.append(f"{path}: {a!r} in the run, {b!r} given")
+
+    walk(stored.to_dict(), given.to_dict(), "")
+    return out
 
 
 def compress_lr_schedule(cfg: RunConfig, steps: int, quant_begin: int | None) -> Callable[[int], float]:
@@ -303,24 +481,47 @@ def _check_schedule_fits(model: nn.Module, cfg: RunConfig, example: Tensor, spe:
             "(prune.start / interval, quant.weight_delay / act_delay)")
 
 
-def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print) -> dict[str, Any]:
+def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print, *, resume: bool = False,
+        overwrite: bool = False, finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run dense training and compression; return the results.
 
-    Writes ``dense.pt`` (dense state dict), ``masked.pt`` (the instrumented masked model's state dict:
-    every piece of compression state, for resuming or inspection) and ``model/`` (the physically
-    smaller model: ``weights.pt`` + ``pruning.json``, see :func:`prunequant.graph.save_pruned`), each
-    recorded in ``manifest.json`` (:mod:`prunequant.runfolder`; the caller adds ``report.json``).
+    Writes ``config.json`` (the configuration) first, then ``dense.pt`` (dense state dict),
+    ``masked.pt`` (the instrumented masked model's state dict: every piece of compression state) and
+    ``model/`` (the physically smaller model: ``weights.pt`` + ``pruning.json``, see
+    :func:`prunequant.graph.save_pruned`), each recorded in ``manifest.json``
+    (:mod:`prunequant.runfolder`; the caller adds ``report.json``). While it trains it writes
+    checkpoints (``train.checkpoint_every`` / ``train.checkpoint_minutes``, see
+    :mod:`prunequant.train.checkpoint`) and deletes them once the final files are written.
+
+    ``out_dir`` belongs to this run: a folder holding another run is refused unless ``resume``
+    (continue that unfinished run from its last checkpoint, or from its ``dense.pt``, or from the
+    start; ``cfg`` must be the folder's ``config.json``, see :func:`read_run_config`) or
+    ``overwrite`` (remove the earlier run's files first; a ``train.dense_checkpoint`` that is the
+    folder's own ``dense.pt`` is kept and used). ``run.lock`` keeps a second process out until
+    ``finish(results)`` (e.g. writing ``report.json``, as the CLI does) has returned.
+    The resumed run ends with the results of the uninterrupted one, bit for bit (timings aside).
     Bad input (``out_dir``, ``train.device``, ``train.dense_checkpoint``, data) raises a user error
     before any file is written.
     """
     # Everything that can be wrong with the input is checked before the first file is written.
-    out = check_out_dir(out_dir)
-    folder = RunFolder(out)
+    out = check_out_dir(out_dir, resume=resume, overwrite=overwrite)
+    cfg_dict = cfg.to_dict()
+    digest = _config_digest(cfg_dict)
+    if resume:
+        changes = config_changes(read_run_config(out), cfg)
+        if changes:
+            more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+            raise RecipeError(f"--resume {out}: the configuration differs from the run's {CONFIG}: "
+                              f"{'; '.join(changes[:3])}{more}; a run continues with the configuration it "
+                              "started with: drop --config / --set, or start a new run (another --out, or "
+                              "--overwrite) (nothing was written)")
     t0 = time.time()
     torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
-    dense_state = load_dense_checkpoint(cfg.train.dense_checkpoint) if cfg.train.dense_checkpoint else None
+    ckpt_path = cfg.train.dense_checkpoint
+    own_dense = bool(ckpt_path) and Path(ckpt_path).resolve() == (out / "dense.pt").resolve()
+    dense_state = load_dense_checkpoint(ckpt_path) if ckpt_path else None
     data = load_data(cfg, log)
     try:
         model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
@@ -331,26 +532,68 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
     if dense_state is not None:
         load_dense_state(model, dense_state, cfg, data.name)
         del dense_state
-    g = torch.Generator().manual_seed(cfg.train.seed)
-    loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True,
-                        generator=g)
-    spe = len(loader)
+    stream = _BatchStream(data.train, cfg.data.batch_size, cfg.train.seed)
+    spe = len(stream)
     if spe < 1:
         raise DatasetError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
                            f"({len(data.train)} images)")
-    batches = _batches(loader)
     example = next(iter(DataLoader(data.val if len(data.val) else data.train, batch_size=8)))[0].to(device)
-    dense_steps = 0 if cfg.train.dense_checkpoint else int(round(cfg.train.dense_epochs * spe))
+    dense_steps = 0 if ckpt_path else int(round(cfg.train.dense_epochs * spe))
     comp_steps = max(1, int(round(cfg.train.epochs * spe)))
     _check_schedule_fits(model, cfg, example, spe, comp_steps)
-    bar = _Progress(dense_steps + comp_steps, cfg.train.progress)
-    results: dict[str, Any] = {"phases": {}}
-    timings: dict[str, float] = {}
+
+    lock = RunLock(out, "--resume" if resume else "--out")
+    lock.acquire(log)
+    bar: _Progress | None = None
     try:
+        check_out_dir(out, resume=resume, overwrite=overwrite)  # again, now that no other run can start
+        state: dict[str, Tensor] | None = None
+        meta: dict[str, Any] = {}
+        from_dense_pt = False
+        if resume:
+            folder = RunFolder(out, existing=True)
+            for q in [*out.glob(".*.tmp"), *(out / ck.CHECKPOINTS).glob(".*.tmp")]:
+                q.unlink()  # temporary files of writes the interrupted run did not finish (it held the lock)
+            name = ck.pick_checkpoint(out, log)
+            if name is not None:
+                state, meta = ck.load_checkpoint(out, name, digest, log)
+            files = read_manifest(out) or {}
+            if dense_steps and "dense.pt" in files and (state is None or meta["phase"] == "dense"):
+                state, meta, from_dense_pt = None, {}, True  # the dense phase ended: continue from dense.pt
+            where = (f"{name} (step {meta['global_step']} of {dense_steps + comp_steps}, {meta['phase']} "
+                     "phase)" if state is not None else "its dense.pt (compression step 0)" if from_dense_pt
+                     else "the start (no checkpoint yet)")
+            log(f"resuming {out} from {where}")
+        else:
+            if overwrite:
+                gone = clear_run(out, keep=("dense.pt",) if own_dense else ())
+                if gone:
+                    log(f"--overwrite: removed the earlier run's {', '.join(gone)} from {out}")
+            folder = RunFolder(out)
+            folder.save_json(CONFIG, cfg_dict)
+            if own_dense:
+                folder.record("dense.pt")  # this folder's own dense.pt (checked above) is the run's input
+        phase0 = meta.get("phase")
+        ckw = _Checkpointer(cfg, folder, stream, digest)
+        done = meta.get("global_step", dense_steps if from_dense_pt else 0)
+        bar = _Progress(dense_steps + comp_steps, cfg.train.progress, initial=done)
+        results: dict[str, Any] = {"phases": {}}
+        timings: dict[str, float] = {}
+        if resume:
+            timings["resumed_at_step"] = done
+
         # ---- dense
         t = time.time()
-        if cfg.train.dense_checkpoint:
-            log(f"loaded dense weights from {cfg.train.dense_checkpoint}")
+        if ckpt_path:
+            log(f"loaded dense weights from {ckpt_path}")
+        elif phase0 == "compress" or from_dense_pt:
+            # The dense phase ended in the interrupted run: its weights are this folder's dense.pt, and
+            # compression starts as in a run loading it through train.dense_checkpoint.
+            verify_file(out, "dense.pt", read_manifest(out) or {})
+            own = load_tensor_file(out / "dense.pt", RecipeError, str(out / "dense.pt"))
+            load_dense_state(model, own, cfg, data.name)
+            del own
+            stream.restart()
         else:
             ep = cfg.train.dense_epochs
 
@@ -358,16 +601,33 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
                 return f"dense epoch {min(bar.bar.n // spe + 1, math.ceil(ep))}/{math.ceil(ep)}"
 
             rng = _rng_state()
-            _train_steps(model, batches, dense_steps, cfg.train.lr, cfg, device, bar, dense_name)
+            start, opt_state = 0, None
+            if phase0 == "dense":
+                model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+                opt_state = {k: v for k, v in state.items() if k.startswith("optim.")}
+                stream.seek(state, meta["loader"])
+                ck.set_rng(state, meta["rng"])
+                start = meta["step"]
+
+            def dense_after(k: int, opt: torch.optim.Optimizer) -> None:
+                ckw.after(k + 1, k + 1 == dense_steps,
+                          lambda: ckw.save("dense", k + 1, k + 1, model, opt, {}))
+
+            _train_steps(model, stream, dense_steps, cfg.train.lr, cfg, device, bar, dense_name, start=start,
+                         opt_state=opt_state, after_step=dense_after)
+            state = opt_state = None
             folder.save_tensors("dense.pt", model.state_dict())
+            folder.remove(*ck.listed_checkpoints(out))  # dense.pt supersedes the dense phase's checkpoints
             # Compression starts from the random state (and the loader's first epoch) that a run
             # loading this dense.pt through train.dense_checkpoint starts from: the two are the same run.
             _set_rng_state(rng)
-            g.manual_seed(cfg.train.seed)
-            batches = _batches(loader)
+            stream.restart()
         timings["dense_s"] = time.time() - t
-        bar.phase("evaluating dense")
-        results["phases"]["dense"] = _phase_result(model, data, example, device, cfg)
+        if phase0 == "compress":
+            results["phases"]["dense"] = meta["results"]["dense"]
+        else:
+            bar.phase("evaluating dense")
+            results["phases"]["dense"] = _phase_result(model, data, example, device, cfg)
 
         # ---- compression
         t = time.time()
@@ -379,6 +639,12 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         comp = Compressor(model, cfg.recipe, example, steps_per_epoch=spe)
         cmodel = comp.model
         snap: dict[str, Any] = {}
+        start, opt_state = 0, None
+        if phase0 == "compress":
+            comp.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
+            opt_state = {k: v for k, v in state.items() if k.startswith("optim.")}
+            snap = meta["results"]["snap"]
+            start = meta["step"]
 
         tl = comp.timeline
         q_on = [v for v in (tl.weight_quant_at, tl.act_quant_at) if v is not None]
@@ -398,10 +664,20 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
                 snap["pruned_finetuned"]["step"] = comp.step_count
                 snap["pruned_finetuned"]["finetune_steps"] = comp.step_count - tl.prune_end
 
+        def comp_after(k: int, opt: torch.optim.Optimizer) -> None:
+            ckw.after(dense_steps + k + 1, k + 1 == comp_steps,
+                      lambda: ckw.save("compress", k + 1, dense_steps + k + 1, cmodel, opt,
+                                       {"dense": results["phases"]["dense"], "snap": snap}))
+
         lr_fn = compress_lr_schedule(cfg, comp_steps, comp.timeline.quant_begin)
-        _train_steps(cmodel, batches, comp_steps, lr_fn, cfg, device, bar,
-                     lambda: _compress_phase_name(comp), on_step, teacher=teacher)
-        del teacher
+        if phase0 == "compress":  # last: building the compressor above must not move the random state
+            stream.seek(state, meta["loader"])
+            ck.set_rng(state, meta["rng"])
+        state = None
+        _train_steps(cmodel, stream, comp_steps, lr_fn, cfg, device, bar,
+                     lambda: _compress_phase_name(comp), on_step, teacher=teacher, start=start,
+                     opt_state=opt_state, after_step=comp_after)
+        del teacher, opt_state
         final = comp.finalize()
         timings["compress_s"] = time.time() - t
         bar.phase("evaluating final")
@@ -411,15 +687,30 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         results["shrink_check"] = _shrink_check(comp.model, final, data.test, device,
                                                 cfg.data.eval_batch_size)
         folder.save_tensors("masked.pt", comp.model.state_dict())
-        ckpt = cfg.train.dense_checkpoint
-        if ckpt and Path(ckpt).resolve() == (out / "dense.pt").resolve():
-            folder.record("dense.pt")  # this folder's own dense.pt (checked above) stays listed
         if comp.plan.sites:
             save_pruned(final, out / "model")
             folder.record("model/weights.pt", "model/pruning.json")
-    finally:
+        folder.remove(*ck.listed_checkpoints(out))  # the run's final files supersede its checkpoints
+        try:
+            (out / ck.CHECKPOINTS).rmdir()
+        except OSError:
+            pass
         bar.close()
-    timings["total_s"] = time.time() - t0
+        timings["total_s"] = time.time() - t0
+        if ckw.written:
+            timings["checkpoints_written"] = len(ckw.written)
+        _final_results(results, data, spe, dense_steps, comp_steps, comp, timings, device)
+        if finish is not None:
+            finish(results)
+    finally:
+        if bar is not None:
+            bar.close()
+        lock.release()
+    return results
+
+
+def _final_results(results: dict[str, Any], data: DataBundle, spe: int, dense_steps: int, comp_steps: int,
+                   comp: Compressor, timings: dict[str, Any], device: torch.device) -> None:
     results.update({
         "data": {"name": data.name, "source": data.source, "train": len(data.train), "val": len(data.val),
                  "test": len(data.test), "num_classes": data.num_classes,
@@ -438,7 +729,6 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print)
         "threads": torch.get_num_threads(),
         "machine": _machine(),
     })
-    return results
 
 
-__all__ = ["evaluate", "load_data", "run", "seed_everything"]
+__all__ = ["config_changes", "evaluate", "load_data", "read_run_config", "run", "seed_everything"]
