@@ -514,20 +514,12 @@ def release(out: Path, cell_id: str) -> None:
 # ------------------------------------------------------------------------------------------- running
 def run_cell(cfg: Any, folder: Path, log: Callable[[str], None]) -> dict[str, Any]:
     """One ``prunequant run`` (what the CLI does): train, then report.json / summary.md, recorded last.
-    Returns the report."""
-    from prunequant.report import write_report
-    from prunequant.runfolder import RunFolder
-    from prunequant.train.trainer import run
+    A cell interrupted with this same configuration continues from its last checkpoint; any other
+    leftover folder is run again. Returns the report."""
+    from prunequant.train.trainer import resumable, run_and_report
 
-    report: dict[str, Any] = {}
-
-    def finish(results: dict[str, Any]) -> None:  # while the run still holds the folder's lock
-        report.update({"config": cfg.to_dict(), **results})
-        write_report(report, folder)
-        RunFolder(folder).record("report.json")  # last: a manifest listing report.json is a finished run
-
-    # overwrite: a cell folder left by an interrupted run is run again
-    run(cfg, folder, log=log, overwrite=True, finish=finish)
+    again = resumable(folder, cfg)
+    report, _ = run_and_report(cfg, folder, log, resume=again, overwrite=not again)
     return report
 
 

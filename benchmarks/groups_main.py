@@ -34,6 +34,7 @@ from prunequant.config import RunConfig
 from prunequant.export.cpu import cpu_features
 from prunequant.recipe import load_yaml
 from prunequant.runfolder import verify_run
+from prunequant.train.trainer import resumable
 from prunequant.utils import atomic_write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,17 +103,13 @@ def equal_memory_sparsity(cfg_on: RunConfig, target: float) -> float:
 
 
 def _run_cell(cfg: RunConfig, out: Path) -> None:
-    """One ``prunequant run`` (what the CLI does): train, then report.json / summary.md, recorded last."""
-    from prunequant.report import write_report
-    from prunequant.runfolder import RunFolder
-    from prunequant.train.trainer import run
+    """One ``prunequant run`` (what the CLI does): train, then report.json / summary.md, recorded last.
+    A cell interrupted with this same configuration continues from its last checkpoint; any other
+    leftover folder is replaced (its own dense.pt kept when the configuration loads it)."""
+    from prunequant.train.trainer import resumable, run_and_report
 
-    # overwrite: an interrupted cell is run again (from its own dense.pt when the config names it).
-    def finish(results: dict) -> None:  # while the run still holds the folder's lock
-        write_report({"config": cfg.to_dict(), **results}, out)
-        RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
-
-    run(cfg, out, log=lambda m: None, overwrite=True, finish=finish)
+    again = resumable(out, cfg)
+    run_and_report(cfg, out, log=lambda m: None, resume=again, overwrite=not again)
 
 
 def run_cells(seeds: list[int], scale: float, cells: tuple[str, ...] = CELLS) -> None:
@@ -124,6 +121,8 @@ def run_cells(seeds: list[int], scale: float, cells: tuple[str, ...] = CELLS) ->
             # An interrupted off cell's dense.pt (listed in its manifest) is the same dense network:
             # the run continues from it exactly as a run loading it through train.dense_checkpoint.
             ckpt = off / "dense.pt" if (off / "dense.pt").exists() else None
+            if ckpt is not None and resumable(off, _config(seed, False, 0.5, None, scale)):
+                ckpt = None  # the interrupted run's own checkpoints carry on from where it stopped
             print(f"[seed {seed}] off: {'from its dense.pt' if ckpt else 'training dense'} + compressing",
                   flush=True)
             _run_cell(_config(seed, False, 0.5, ckpt, scale), off)

@@ -65,9 +65,8 @@ def build_config(config: str | None, overrides: list[str], base: dict[str, Any] 
 def cmd_run(args: argparse.Namespace) -> int:
     """``prunequant run``; ``--resume OUT`` continues an interrupted run with the configuration stored in
     its folder, ``--overwrite`` replaces the run a folder holds."""
-    from .report import write_report
-    from .runfolder import RunFolder, check_out_dir
-    from .train.trainer import read_run_config, run
+    from .runfolder import check_out_dir
+    from .train.trainer import read_run_config, run_and_report
 
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -85,13 +84,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg.train.progress = False
     verb = "resuming" if args.resume is not None else "->"
     print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} {verb} {out}", flush=True)
-    paths: dict[str, Path] = {}
-
-    def finish(results: dict[str, Any]) -> None:  # still holding the folder's lock
-        paths.update(write_report({"config": cfg.to_dict(), **results}, out))
-        RunFolder(out).record("report.json")  # last: a manifest listing report.json is a finished run
-
-    run(cfg, out, resume=args.resume is not None, overwrite=args.overwrite, finish=finish)
+    _, paths = run_and_report(cfg, out, resume=args.resume is not None, overwrite=args.overwrite)
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0

@@ -23,6 +23,8 @@ import torch
 import yaml
 
 from prunequant.cli import main
+from prunequant.config import RunConfig
+from prunequant.train.trainer import resumable, run_and_report
 
 TINY = {
     "model": {"name": "resnet20", "width": 0.25},
@@ -197,3 +199,20 @@ def test_the_batch_stream_is_the_shuffled_loader_and_resumes_anywhere() -> None:
         assert all(torch.equal(a, b) for a, b in zip(got, ref[k:])), k
     stream.restart()
     assert torch.equal(next(stream)[1], ref[0])
+
+
+def test_benchmark_cells_continue_a_killed_run(reference: Path, tmp_path: Path) -> None:
+    """What grid.py / groups_main.py do with a cell folder: ``resumable`` says whether it holds an
+    unfinished run of exactly this configuration; ``run_and_report(resume=True)`` then ends with the
+    uninterrupted run."""
+    out = _killed(tmp_path, {"_PRUNEQUANT_KILL_AFTER_STEP": "20"})
+    cfg = RunConfig.from_dict(yaml.safe_load(_config(tmp_path).read_text()), where="test")
+    other = RunConfig.from_dict({**yaml.safe_load(_config(tmp_path).read_text()), "train": {
+        **TINY["train"], "seed": 1}}, where="test")
+    assert resumable(out, cfg) and not resumable(out, other)
+    assert not resumable(tmp_path / "nowhere", cfg)
+    assert not resumable(reference, cfg)  # finished: nothing to continue
+    report, paths = run_and_report(cfg, out, log=lambda m: None, resume=True)
+    assert paths["report"] == out / "report.json" and report["phases"]["final"]["accuracy"] >= 0
+    assert not resumable(out, cfg)  # finished now
+    _same_run(reference, out)

@@ -481,6 +481,39 @@ def _check_schedule_fits(model: nn.Module, cfg: RunConfig, example: Tensor, spe:
             "(prune.start / interval, quant.weight_delay / act_delay)")
 
 
+def resumable(out_dir: str | Path, cfg: RunConfig) -> bool:
+    """Whether ``out_dir`` holds an unfinished run of exactly ``cfg`` (its ``config.json`` listed and equal,
+    no ``report.json`` listed), so ``run(cfg, out_dir, resume=True)`` continues it where it stopped."""
+    p = Path(out_dir)
+    files = read_manifest(p) if (p / "manifest.json").is_file() else None
+    if not files or "report.json" in files or CONFIG not in files:
+        return False
+    try:
+        return not config_changes(read_run_config(p), cfg)
+    except (RecipeError, ValueError):
+        return False
+
+
+def run_and_report(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print, *,
+                   resume: bool = False, overwrite: bool = False) -> tuple[dict[str, Any], dict[str, Path]]:
+    """:func:`run`, then ``report.json`` / ``summary.md`` / plots written while the run still holds the
+    folder's lock, ``report.json`` recorded last (a manifest listing it is a finished run): what
+    ``prunequant run`` does. Returns the results and the paths written."""
+    from ..report import write_report
+
+    out = Path(out_dir)
+    paths: dict[str, Path] = {}
+    report: dict[str, Any] = {}
+
+    def finish(results: dict[str, Any]) -> None:
+        report.update({"config": cfg.to_dict(), **results})
+        paths.update(write_report(report, out))
+        RunFolder(out).record("report.json")
+
+    run(cfg, out, log, resume=resume, overwrite=overwrite, finish=finish)
+    return report, paths
+
+
 def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print, *, resume: bool = False,
         overwrite: bool = False, finish: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Run dense training and compression; return the results.
