@@ -96,7 +96,6 @@ import math
 import os
 import re
 import shlex
-import socket
 import statistics
 import sys
 import time
@@ -104,6 +103,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from prunequant.runfolder import HOST, FileLock, read_lock
+from prunequant.runfolder import proc_start as _start_time  # noqa: F401 (the tests read it here)
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "fmnist_resnet20_w4a4.yaml"
@@ -414,101 +416,26 @@ def dense_ready(out: Path, seed: int) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- locks
-HOST = socket.gethostname()
-
-
-def _start_time(pid: int) -> str | None:
-    """The process's start time (Linux ``/proc/<pid>/stat`` field 22), telling a reused pid apart."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _alive(pid: int, started: str | None) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    now = _start_time(pid)
-    return not (started and now and now != started)  # the pid was reused by another process
-
-
 def lock_path(out: Path, cell_id: str) -> Path:
     """``<out>/locks/<cell>.lock``."""
     return Path(out) / "locks" / f"{cell_id}.lock"
 
 
-def read_lock(path: Path) -> dict[str, Any] | None:
-    """A lock's holder (``{}`` when unreadable: being written), or None when there is no lock."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return None
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError:
-        return {}
-    return d if isinstance(d, dict) else {}
-
-
 def lock_stale(holder: dict[str, Any], path: Path | None = None) -> bool:
     """A lock of a process on this host that is gone (or an empty lock older than a minute)."""
-    if not holder:
-        try:
-            return path is not None and time.time() - path.stat().st_mtime > 60
-        except OSError:
-            return False
-    if holder.get("host") != HOST or not isinstance(holder.get("pid"), int):
-        return False  # another machine's process cannot be checked from here
-    return not _alive(holder["pid"], holder.get("started"))
+    return FileLock(path if path is not None else Path(os.devnull)).stale(holder)
 
 
 def claim(out: Path, cell_id: str, log: Callable[[str], None] = print) -> bool:
-    """Take the cell's lock (atomically); False when a live process holds it. A stale lock is taken
-    over: renamed away (only one process wins the rename), checked to be the stale one, removed."""
-    path = lock_path(out, cell_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    me = {"pid": os.getpid(), "host": HOST, "started": _start_time(os.getpid()), "time": time.time()}
-    for _ in range(5):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            holder = read_lock(path)
-            if holder is None:
-                continue  # released meanwhile
-            if not lock_stale(holder, path):
-                return False
-            away = path.with_name(f"{path.name}.stale.{os.getpid()}")
-            try:
-                os.rename(path, away)
-            except FileNotFoundError:
-                continue  # another process took it over first
-            if read_lock(away) != holder:  # a fresh lock replaced the stale one before the rename
-                try:
-                    os.link(away, path)  # put it back (fails only if yet another lock exists)
-                except FileExistsError:
-                    pass
-                os.unlink(away)
-                return False
-            os.unlink(away)
-            log(f"  {cell_id}: took over a stale lock of pid {holder.get('pid')} on {holder.get('host')}")
-            continue
-        with os.fdopen(fd, "w") as f:
-            json.dump(me, f)
-        return True
-    return False
+    """Take the cell's lock (prunequant's :class:`~prunequant.runfolder.FileLock`, the one run folders
+    use); False when a live process holds it. A stale lock is taken over."""
+    return FileLock(lock_path(out, cell_id)).try_acquire(lambda h: log(
+        f"  {cell_id}: took over a stale lock of pid {h.get('pid')} on {h.get('host')}")) is None
 
 
 def release(out: Path, cell_id: str) -> None:
     """Remove the cell's lock if this process holds it."""
-    path = lock_path(out, cell_id)
-    holder = read_lock(path)
-    if holder and holder.get("pid") == os.getpid() and holder.get("host") == HOST:
-        path.unlink(missing_ok=True)
+    FileLock(lock_path(out, cell_id)).release()
 
 
 # ------------------------------------------------------------------------------------------- running

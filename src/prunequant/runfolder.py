@@ -174,7 +174,7 @@ def clear_run(path: Path, keep: Iterable[str] = ()) -> list[str]:
 HOST = socket.gethostname()
 
 
-def _proc_start(pid: int) -> str | None:
+def proc_start(pid: int) -> str | None:
     """The process's start time (Linux ``/proc/<pid>/stat`` field 22): tells a reused pid apart."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -190,14 +190,14 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:
         pass
-    now = _proc_start(pid)
+    now = proc_start(pid)
     return not (started and now and now != started)
 
 
-def _read_lock(path: Path) -> dict[str, Any] | None:
-    """The lock's holder, ``{}`` when unreadable (being written), None when there is no lock."""
+def read_lock(path: Path) -> dict[str, Any] | None:
+    """A lock file's holder, ``{}`` when unreadable (being written), None when there is no lock."""
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except FileNotFoundError:
         return None
     except OSError:
@@ -209,57 +209,21 @@ def _read_lock(path: Path) -> dict[str, Any] | None:
     return d if isinstance(d, dict) else {}
 
 
-class RunLock:
-    """``run.lock`` in a run folder: one process writes the folder at a time.
+class FileLock:
+    """A lock file, taken with ``O_CREAT | O_EXCL`` (atomic) and holding ``{pid, host, started, time}``.
 
-    Taken with ``O_CREAT | O_EXCL`` (atomic) and holding ``{pid, host, started, time}``. A lock of a
-    process on this host that no longer runs (or whose pid now belongs to another process) is stale
-    and taken over, with a message; a live holder, or one on another host, is refused.
+    A lock of a process on this host that no longer runs (or whose pid now belongs to another process),
+    or one left empty for a minute (its writer died), is stale and taken over: renamed away (only one
+    process wins the rename), checked to be the stale one, removed. A live holder, or one on another
+    host (whose processes cannot be checked from here), keeps it. Run folders (:class:`RunLock`) and
+    benchmark cells (``benchmarks/grid.py``) use it.
     """
 
-    def __init__(self, folder: str | Path, field: str = "--out"):
-        self.path = Path(folder) / LOCK
-        self.field = field
-        self.held = False
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
-    def acquire(self, log: Callable[[str], None] = print) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": HOST, "started": _proc_start(os.getpid()), "time": time.time()}
-        for _ in range(20):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-            except FileExistsError:
-                holder = _read_lock(self.path)
-                if holder is None:
-                    continue  # released meanwhile
-                if not self._stale(holder):
-                    self._refuse(holder)
-                away = self.path.with_name(f"{LOCK}.stale.{os.getpid()}")
-                try:
-                    os.rename(self.path, away)
-                except FileNotFoundError:
-                    continue  # another process took it over first
-                if _read_lock(away) != holder:  # a fresh lock replaced the stale one: put it back
-                    try:
-                        os.link(away, self.path)
-                    except FileExistsError:
-                        pass
-                    os.unlink(away)
-                    continue
-                os.unlink(away)
-                log(f"note: {self.path}: took over the lock of pid {holder.get('pid')} on "
-                    f"{holder.get('host')}, which is no longer running (an interrupted run)")
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-                f.flush()
-                os.fsync(f.fileno())
-            self.held = True
-            return
-        raise RecipeError(f"{self.field} {self.path.parent}: could not take {self.path} (other processes "
-                          "keep taking it); try again")
-
-    def _stale(self, holder: dict[str, Any]) -> bool:
+    def stale(self, holder: dict[str, Any]) -> bool:
+        """Whether the lock ``holder`` (as :func:`read_lock` gives it) may be taken over."""
         if not holder:  # empty: being written, unless it stayed empty (its writer died)
             try:
                 return time.time() - self.path.stat().st_mtime > 60
@@ -268,6 +232,72 @@ class RunLock:
         if holder.get("host") != HOST or not isinstance(holder.get("pid"), int):
             return False  # another machine's process cannot be checked from here
         return not _alive(holder["pid"], holder.get("started"))
+
+    def try_acquire(self, on_takeover: Callable[[dict[str, Any]], None] | None = None
+                    ) -> dict[str, Any] | None:
+        """Take the lock: None when taken, else its live holder (``{}`` when others kept taking it).
+        ``on_takeover(holder)`` is told of a stale lock taken over."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": HOST, "started": proc_start(os.getpid()), "time": time.time()}
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                holder = read_lock(self.path)
+                if holder is None:
+                    continue  # released meanwhile
+                if not self.stale(holder):
+                    return holder
+                away = self.path.with_name(f"{self.path.name}.stale.{os.getpid()}")
+                try:
+                    os.rename(self.path, away)
+                except FileNotFoundError:
+                    continue  # another process took it over first
+                if read_lock(away) != holder:  # a fresh lock replaced the stale one: put it back
+                    try:
+                        os.link(away, self.path)
+                    except FileExistsError:
+                        pass
+                    os.unlink(away)
+                    continue
+                os.unlink(away)
+                if on_takeover is not None:
+                    on_takeover(holder)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+                f.flush()
+                os.fsync(f.fileno())
+            return None
+        return {}
+
+    def release(self) -> None:
+        """Remove the lock if this process holds it."""
+        holder = read_lock(self.path)
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == HOST:
+            self.path.unlink(missing_ok=True)
+
+
+class RunLock(FileLock):
+    """``run.lock`` in a run folder: one process writes the folder at a time (see :class:`FileLock`)."""
+
+    def __init__(self, folder: str | Path, field: str = "--out"):
+        super().__init__(Path(folder) / LOCK)
+        self.field = field
+        self.held = False
+
+    def acquire(self, log: Callable[[str], None] = print) -> None:
+        """Take the lock or raise :class:`RecipeError` naming its holder."""
+        holder = self.try_acquire(lambda h: log(
+            f"note: {self.path}: took over the lock of pid {h.get('pid')} on {h.get('host')}, which is no "
+            "longer running (an interrupted run)"))
+        if holder is None:
+            self.held = True
+            return
+        if not holder:
+            raise RecipeError(f"{self.field} {self.path.parent}: could not take {self.path} (other processes "
+                              "keep taking it); try again")
+        self._refuse(holder)
 
     def _refuse(self, holder: dict[str, Any]) -> None:
         since = holder.get("time")
@@ -284,9 +314,7 @@ class RunLock:
         if not self.held:
             return
         self.held = False
-        holder = _read_lock(self.path)
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == HOST:
-            self.path.unlink(missing_ok=True)
+        super().release()
 
 
 def read_manifest(run_dir: str | Path) -> dict[str, dict[str, Any]] | None:
