@@ -9,6 +9,7 @@ Configuration problems print one clear message (the field and what is allowed) a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -223,7 +224,13 @@ def _check_analysis_out(out: Path) -> None:
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     """``prunequant analyze RUN_DIR`` / ``--config FILE``: how a layer's channel ranking depends on the
-    sparsity of the layer before it (METHOD section 7)."""
+    sparsity of the layer before it (METHOD section 7). A run folder is held (``run.lock``) while it is
+    read and written, so a run resuming into it meanwhile is kept out, and the other way round."""
+    with contextlib.ExitStack() as held:
+        return _analyze(args, held)
+
+
+def _analyze(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     from .models import build_model
     from .train.analyze import check_measures, check_sparsities, run_analysis, write_analysis
     from .train.trainer import load_data, load_dense_checkpoint, load_dense_state
@@ -239,7 +246,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                           "(prunequant analyze --config FILE.yaml --out DIR), not both or neither")
     run_dir: Path | None = None
     if args.run_dir is not None:
-        from .runfolder import verify_run
+        from .runfolder import RunLock, verify_run
 
         if args.set:
             raise RecipeError("--set changes a --config configuration; a run folder is analysed with the "
@@ -251,6 +258,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         if not (run_dir / "report.json").is_file():
             raise RecipeError(f"{run_dir}: no report.json here; pass the --out folder of a finished "
                               "`prunequant run`")
+        lock = RunLock(run_dir, "analyze")
+        lock.acquire(lambda m: print(m, file=sys.stderr))
+        held.callback(lock.release)
         files = verify_run(run_dir, required=("report.json",))
         cfg, shape, num_classes = _read_report(run_dir / "report.json")
         rep_data = json.loads((run_dir / "report.json").read_text())["data"]

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ import yaml
 from prunequant.cli import main
 from prunequant.models import build_model
 from prunequant.report import SECTION_BEGIN, SECTION_END
-from prunequant.runfolder import verify_run
+from prunequant.runfolder import HOST, proc_start, verify_run
 
 TINY = {
     "model": {"name": "resnet20", "width": 0.25},
@@ -144,6 +145,14 @@ def check_bad_inputs(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
     _fails(["analyze", "--config", str(cfg), "--out", str(tmp_path / "o")], capsys,
            "train.dense_checkpoint is not set")
     assert _snapshot(run_dir) == before and not (tmp_path / "o").exists()
+    # a live process holds the run folder (e.g. a run resuming into it): refused, its lock left alone
+    lock = run_dir / "run.lock"
+    holder = {"pid": os.getpid(), "host": HOST, "started": proc_start(os.getpid()), "time": time.time()}
+    lock.write_text(json.dumps(holder))
+    _fails(["analyze", str(run_dir)], capsys, "another prunequant process is writing this folder")
+    assert json.loads(lock.read_text()) == holder
+    lock.unlink()
+    assert _snapshot(run_dir) == before
     # a tampered file: the manifest no longer matches, nothing is read or written
     dense = run_dir / "dense.pt"
     data = bytearray(dense.read_bytes())
