@@ -95,7 +95,13 @@ EXPORT_FILES = {"qdq": "model.qdq.onnx", "qonnx": "model.qonnx.onnx", "packed": 
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """``prunequant export RUN_DIR --format qdq|qonnx|packed``: export a finished run's model."""
+    """``prunequant export RUN_DIR --format qdq|qonnx|packed``: export a finished run's model. The run
+    folder is held (``run.lock``) while it is read and written."""
+    with contextlib.ExitStack() as held:
+        return _export(args, held)
+
+
+def _export(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     import torch
 
     from .graph.persist import load_pruned
@@ -106,6 +112,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not report.is_file():
         raise RecipeError(f"{run_dir}: no report.json here; pass the --out folder of a finished "
                           "`prunequant run`")
+    from .runfolder import RunLock
+
+    lock = RunLock(run_dir, "export")
+    lock.acquire(lambda m: print(m, file=sys.stderr))
+    held.callback(lock.release)
     files = _verify_run_for_export(run_dir)
     out = Path(args.output) if args.output else run_dir / EXPORT_FILES[args.format]
     _check_export_output(out, run_dir, files)

@@ -462,6 +462,18 @@ def test_export_output_onto_a_run_file(run_dir: Path, capsys: pytest.CaptureFixt
                   "nothing was written", extra=("--output", str(run_dir / target)))
 
 
+def test_export_while_another_process_holds_the_run(run_dir: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """A live process holds run.lock (e.g. a run resuming into the folder): export is refused, the lock
+    left alone."""
+    from prunequant.runfolder import HOST, proc_start
+
+    holder = {"pid": os.getpid(), "host": HOST, "started": proc_start(os.getpid()), "time": 0.0}
+    (run_dir / "run.lock").write_text(json.dumps(holder))
+    _export_fails(run_dir, capsys, f"export {run_dir}: another prunequant process is writing this folder")
+    assert json.loads((run_dir / "run.lock").read_text()) == holder
+
+
 def test_export_output_is_a_folder(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _export_fails(run_dir, capsys, "is a folder; give a file name",
                   extra=("--output", str(run_dir / "model")))
