@@ -69,6 +69,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .runfolder import check_out_dir
     from .train.trainer import read_run_config, run_and_report
 
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) > 1:  # started by torchrun / torch.distributed.launch
+        raise RecipeError(f"WORLD_SIZE={world}: `prunequant run` does not run as several processes yet (each "
+                          "would train the whole job on its own); start it as one process, or use the "
+                          "Compressor in your own DDP loop (its statistics are reduced across ranks)")
+
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
             raise RecipeError(f"--out {args.out} and --resume {args.resume} name different folders; --resume "

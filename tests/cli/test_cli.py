@@ -165,3 +165,17 @@ def test_cli_run_end_to_end_on_digits(tmp_path: Path) -> None:
 def test_export_refuses_a_folder_without_a_run(tmp_path: Path) -> None:
     r = _run_cli(["export", str(tmp_path)], tmp_path)
     assert r.returncode == 2 and "no report.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_python_dash_m_and_a_multi_process_launch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m prunequant`` is the CLI; under torchrun (WORLD_SIZE > 1) ``run`` refuses with one message
+    instead of every rank training the whole job on its own, and writes nothing."""
+    r = subprocess.run([sys.executable, "-m", "prunequant", "--version"], capture_output=True, text=True,
+                       check=False)
+    assert r.returncode == 0 and r.stdout.startswith("prunequant ")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: WORLD_SIZE=2:") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
