@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from clitools import fails as _fails
 
 from prunequant.cli import main
 from prunequant.models import build_model
@@ -117,16 +118,6 @@ def test_analyze_from_a_config(tmp_path: Path) -> None:
     assert list(rep["summary"]) == ["a_l1"] and list(rep["summary"]["a_l1"]) == ["0.5"]
     assert SECTION_BEGIN in (out / "summary.md").read_text()
     assert (out / "ranking_tau.png").is_file() and not (out / "manifest.json").exists()
-
-
-def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    rc = main(args)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err and err.startswith("error: ") and err.count("error:") == 1, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def check_bad_inputs(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

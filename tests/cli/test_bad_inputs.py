@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from clitools import fails as _fails
 
 from prunequant.cli import main
 from prunequant.graph.persist import record_digest
@@ -87,18 +88,6 @@ def config(tmp_path: Path) -> Iterator[Path]:
 def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).digest(), p.stat().st_mode)
             for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _fails(args: list[str], capsys: pytest.CaptureFixture[str], *needles: str) -> str:
-    """Run the CLI, expect exit code 2 and one error message containing every needle."""
-    rc = main(args)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    assert err.startswith("error: ") and err.count("error:") == 1, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def _reseal(run: Path) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from clitools import fails as _fails
 
 from prunequant.cli import main
 from prunequant.recipe import RecipeError
@@ -74,18 +75,6 @@ def run(killed_run: Path, tmp_path: Path) -> Path:
 def _snapshot(root: Path, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).digest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name not in skip}
-
-
-def _fails(args: list[str], capsys: Cap, *needles: str) -> str:
-    capsys.readouterr()
-    rc = main(args)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    assert "Traceback" not in err
-    assert err.startswith("error: ") and err.count("error:") == 1, err
-    for n in needles:
-        assert n in err, (n, err)
-    return err
 
 
 def test_resume_refuses_a_changed_configuration(run: Path, tmp_path: Path, capsys: Cap) -> None:

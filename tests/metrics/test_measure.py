@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from mtools import Small
 from torch import nn
 
 from prunequant import Compressor, measure
@@ -87,26 +88,6 @@ def test_float_scale_bias_counts_biases_and_norm_parameters(model, numbers):
 
 
 # ---------------------------------------------------------------------------------- compressed models
-class Small(nn.Module):
-    """conv(3->8)-bn-relu -> conv(8->6, bias)-relu -> maxpool 2 -> flatten -> linear(6*4*4 -> 10)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(8)
-        self.relu1 = nn.ReLU()
-        self.conv2 = nn.Conv2d(8, 6, 3, padding=1)
-        self.relu2 = nn.ReLU()
-        self.pool = nn.MaxPool2d(2)
-        self.flatten = nn.Flatten()
-        self.fc = nn.Linear(6 * 4 * 4, 10)
-
-    def forward(self, x):
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.pool(self.relu2(self.conv2(x)))
-        return self.fc(self.flatten(x))
-
-
 class DepthwiseBlock(nn.Module):
     """pw(4->8)-bn-relu -> dw(8, 3x3)-bn-relu -> pw(8->6)-bn-relu -> avgpool -> flatten -> linear(6 -> 5)."""
 
