@@ -21,7 +21,14 @@ import yaml
 from . import __version__
 from .config import RunConfig
 from .errors import PrunequantError
+from .parallel import env_world_size
 from .recipe import RecipeError, load_yaml
+
+
+def _rank() -> int:
+    """This process's rank as the launcher set it (0 when not under torchrun)."""
+    r = os.environ.get("RANK", "0")
+    return int(r) if r.strip().isdigit() else 0
 
 
 def _set(data: dict[str, Any], dotted: str, raw: str) -> None:
@@ -65,15 +72,10 @@ def build_config(config: str | None, overrides: list[str], base: dict[str, Any] 
 
 def cmd_run(args: argparse.Namespace) -> int:
     """``prunequant run``; ``--resume OUT`` continues an interrupted run with the configuration stored in
-    its folder, ``--overwrite`` replaces the run a folder holds."""
+    its folder, ``--overwrite`` replaces the run a folder holds. Under ``torchrun`` the processes run one
+    job (:mod:`prunequant.parallel`); rank 0 prints and writes."""
     from .runfolder import check_out_dir
     from .train.trainer import read_run_config, run_and_report
-
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) > 1:  # started by torchrun / torch.distributed.launch
-        raise RecipeError(f"WORLD_SIZE={world}: `prunequant run` does not run as several processes yet (each "
-                          "would train the whole job on its own); start it as one process, or use the "
-                          "Compressor in your own DDP loop (its statistics are reduced across ranks)")
 
     if args.resume is not None:
         if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
@@ -90,8 +92,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.no_progress:
         cfg.train.progress = False
     verb = "resuming" if args.resume is not None else "->"
-    print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} {verb} {out}", flush=True)
+    main = _rank() == 0
+    world = env_world_size()
+    procs = f" ({world} processes)" if world > 1 else ""
+    if main:
+        print(f"prunequant {__version__}: {cfg.model.name} on {cfg.data.name} {verb} {out}{procs}",
+              flush=True)
     _, paths = run_and_report(cfg, out, resume=args.resume is not None, overwrite=args.overwrite)
+    if not main:
+        return 0
     print((out / "summary.md").read_text())
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     return 0
@@ -393,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PrunequantError as e:  # recipe, dataset, graph, export, schedule errors: one message each
-        print(f"error: {e}", file=sys.stderr)
+        # Several processes: a rank that stopped because another failed is quiet, and an error found by
+        # every rank alike (the configuration) is printed by rank 0 alone.
+        own = getattr(e, "rank_own", None)
+        if not getattr(e, "quiet", False) and (_rank() == 0 or own is not None):
+            print(f"error{f' (rank {own})' if own else ''}: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -46,4 +46,13 @@ class ScheduleError(PrunequantError, RuntimeError):
     kind = "schedule error"
 
 
-__all__ = ["DatasetError", "ExportError", "GraphError", "PrunequantError", "RecipeError", "ScheduleError"]
+class JobStopped(PrunequantError, RuntimeError):
+    """Another process of a multi-process job stopped with an error of its own (which that process
+    printed); this one stops too, quietly (``quiet``: the CLI prints nothing for it)."""
+
+    kind = "stopped"
+    quiet = True
+
+
+__all__ = ["DatasetError", "ExportError", "GraphError", "JobStopped", "PrunequantError", "RecipeError",
+           "ScheduleError"]

@@ -13,7 +13,10 @@ is the mean over points (``aggregate="mean"``: every tensor of the group weighs 
 read by the next block) or the maximum (``"max"``: a channel any block relies on strongly is kept).
 
 All state is in buffers (``mask``, ``stat_sum``, ``stat_count``, ``collecting``, ``frozen``,
-``collected_steps``), so ``state_dict`` round-trips it and ranks can all-reduce the sums.
+``collected_steps``), so ``state_dict`` round-trips it. Under ``torch.distributed`` each batch's
+statistic is averaged over the ranks as it is gathered (one small all-reduce per collecting mask and
+step): with equal per-rank batches that is the statistic of the global batch, and every rank holds the
+same sums.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import math
 
 import torch
 from torch import Tensor, nn
+
+from .. import parallel
 
 ACTIVATION_STATS = ("a_l1", "a_l0")
 GROUP_AGGREGATES = ("mean", "max")
@@ -176,6 +181,8 @@ class ChannelMask(nn.Module):
         if collect is not False and self.training and bool(self.collecting) and self.stat != "none":
             with torch.no_grad():
                 s = batch_channel_stat(x, self.stat, dim).to(torch.float64)
+                if parallel.world_size() > 1:
+                    s = parallel.all_sum(s) / parallel.world_size()
                 if self.points == 1:
                     self.stat_sum += s
                     self.stat_count += 1

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .. import parallel
+
 MIN_BITS = 2
 MAX_BITS = 16
 _EPS = 1e-12
@@ -66,6 +68,16 @@ def check_percentile(p: float | None, field: str = "act_percentile") -> float | 
     return float(p)
 
 
+def global_aminmax(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(min, max)`` of ``x``; under ``torch.distributed`` of the ranks' tensors together (one
+    all-reduce), so every rank gets what one process sees on the whole global batch."""
+    lo, hi = torch.aminmax(x)
+    if parallel.world_size() <= 1:
+        return lo, hi
+    both = parallel.all_max(torch.stack([-lo, hi]))
+    return -both[0], both[1]
+
+
 def batch_percentiles(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """``(low, high)``: the ``100 - p``-th and ``p``-th percentiles of all elements of ``x``.
 
@@ -73,17 +85,31 @@ def batch_percentiles(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     ``(k+1)``-th largest element (so at most ``k`` elements lie above it) and ``low`` the ``(k+1)``-th
     smallest; ``k = 0`` gives the max and the min. Uses ``topk`` (linear in ``n`` for small ``k``),
     and returns the min as ``low`` when it is not negative (ReLU outputs): the quantizer clamps
-    its lower bound to 0 then in either case.
+    its lower bound to 0 then in either case. Under ``torch.distributed`` ``x`` is this rank's part
+    of the global batch and the result that of the whole batch, exactly: each rank contributes its
+    ``k + 1`` largest (smallest) elements, which contain the global ones.
     """
     flat = x.reshape(-1)
-    k = int(flat.numel() * (1.0 - p / 100.0))
-    lo, hi = torch.aminmax(flat)
+    world = parallel.world_size()
+    n = flat.numel() if world <= 1 else int(parallel.all_sum(torch.tensor([flat.numel()])).item())
+    k = int(n * (1.0 - p / 100.0))
+    lo, hi = global_aminmax(flat)
     if k == 0:
         return lo, hi
-    hi = torch.topk(flat, k + 1, sorted=False).values.min()
+    hi = _kth(flat, k + 1, largest=True, world=world)
     if lo < 0:
-        lo = torch.topk(flat, k + 1, largest=False, sorted=False).values.max()
+        lo = _kth(flat, k + 1, largest=False, world=world)
     return lo, hi
+
+
+def _kth(flat: Tensor, k: int, largest: bool, world: int) -> Tensor:
+    """The ``k``-th largest (smallest) element of the ranks' ``flat`` tensors together."""
+    top = torch.topk(flat, min(k, flat.numel()), largest=largest, sorted=False).values
+    if world > 1:
+        pad = top.new_full((k - top.numel(),), float("-inf") if largest else float("inf"))
+        top = torch.topk(parallel.all_gather_cat(torch.cat([top, pad])), k, largest=largest,
+                         sorted=False).values
+    return top.min() if largest else top.max()
 
 
 class _FakeQuant(torch.autograd.Function):
@@ -269,7 +295,7 @@ class ActQuantizer(nn.Module):
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
         if self.percentile is None:
-            lo, hi = torch.aminmax(x.detach())
+            lo, hi = global_aminmax(x.detach())
         else:
             lo, hi = batch_percentiles(x.detach(), self.percentile)
         self.min_sum += lo.to(torch.float64)

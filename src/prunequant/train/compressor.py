@@ -30,7 +30,7 @@ from ..errors import ScheduleError
 from ..graph.instrument import instrument, raw_weight, weight_quantizer
 from ..graph.ops import LAYER_TYPES
 from ..graph.trace import trace
-from ..prune.mask import ChannelMask, aggregate_stat, mask_from_scores
+from ..prune.mask import ChannelMask, mask_from_scores
 from ..prune.schedule import ScheduleSpec
 from ..quant.policy import QuantPolicy
 from ..quant.quantizers import ActQuantizer
@@ -267,7 +267,7 @@ class Compressor:
     def _scores(self, i: int) -> Tensor:
         imp = self.recipe.prune.importance
         if imp in ("a_l1", "a_l0"):
-            mean, count = _reduced_mean(self._masks[i])
+            mean, count = self._masks[i].mean_stat(), float(self._masks[i].stat_count.max())
             if count <= 0:
                 raise ScheduleError(
                     f"step {self.step_count}: the mask of '{self.plan.sites[i].name}' would be chosen from "
@@ -337,9 +337,10 @@ class Compressor:
     def step(self) -> None:
         """Advance the schedule by one training step (call after ``optimizer.step()``).
 
-        Under ``torch.distributed`` the running activation-quantizer statistics are averaged over
-        the ranks here (one small all-reduce per step while they gather), so every rank quantizes
-        with the same bounds; mask statistics are reduced when a mask is recomputed.
+        Under ``torch.distributed`` every rank quantizes with the same bounds: each activation
+        quantizer takes the min / max (or percentile) of the global batch in its forward, and each
+        collecting mask averages its batch statistic over the ranks (one small collective each per
+        step while they gather), so every rank derives the identical mask.
         """
         if not self.model.training and not self._warned_eval and not self.schedule_done:
             self._warned_eval = True
@@ -348,7 +349,6 @@ class Compressor:
                 "gather no activation statistics, activation quantizers no ranges and BatchNorm layers "
                 "do not update. Call model.train() before the training loop (evaluation in between "
                 "must switch back)", RuntimeWarning, stacklevel=2)
-        _sync_act_stats(self._aq)
         self.model.pq_step += 1
         self._apply(self.step_count)
 
@@ -436,40 +436,3 @@ class Compressor:
 
             return _shrink(self.model).eval()
         return self.model
-
-
-@torch.no_grad()
-def _sync_act_stats(aqs: list[ActQuantizer]) -> None:
-    """Average the running sums of the gathering activation quantizers over all ranks (in place)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    live = [a for a in aqs if bool(a.enabled) and not bool(a.frozen)]
-    if not live:
-        return
-    buf = torch.stack([torch.stack([a.min_sum, a.max_sum, a.stat_count]) for a in live])
-    dist.all_reduce(buf)
-    buf /= dist.get_world_size()
-    for a, row in zip(live, buf):
-        a.min_sum.copy_(row[0])
-        a.max_sum.copy_(row[1])
-        a.stat_count.copy_(row[2])
-
-
-def _reduced_mean(m: ChannelMask) -> tuple[Tensor, float]:
-    """Equal-weight mean of a mask's statistics and the number of batches behind it, summed over all
-    ranks under ``torch.distributed``.
-
-    The local buffers are not modified (each rank keeps its own running sums); the reduction is done
-    on copies, only when a mask is recomputed, so every rank derives the identical mask.
-    """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return m.mean_stat(), float(m.stat_count.max())
-    sums, counts = m.stat_sum.reshape(-1), m.stat_count.reshape(-1)
-    both = torch.cat([sums, counts])
-    dist.all_reduce(both)
-    s, c = both[:sums.numel()].reshape(m.stat_sum.shape), both[sums.numel():].reshape(m.stat_count.shape)
-    return aggregate_stat(s, c, m.aggregate), float(c.max())

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
+from .. import parallel
 from ..config import RunConfig
 from ..data import DataBundle, DatasetError, load_dataset
 from ..graph.persist import save_pruned
@@ -155,15 +156,19 @@ class _BatchStream:
 
     The same batches, in the same order, as ``DataLoader(data, batch_size, shuffle=True,
     drop_last=True, generator=g)`` iterated epoch after epoch; the position is the generator state at
-    the start of the current epoch plus the number of batches taken from it.
+    the start of the current epoch plus the number of batches taken from it. With ``world`` processes
+    each global batch is cut into ``world`` equal slices and this rank gets slice ``rank``
+    (:class:`prunequant.parallel.ShardedBatches`); the position is the same on every rank.
     """
 
-    def __init__(self, data: Any, batch_size: int, seed: int):
+    def __init__(self, data: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1):
         self.seed = seed
         self.g = torch.Generator().manual_seed(seed)
         self.sampler = _SkippingBatchSampler(RandomSampler(data, generator=self.g), batch_size,
                                              drop_last=True)
-        self.loader = DataLoader(data, batch_sampler=self.sampler, generator=self.g)
+        # Several processes: every rank draws the same global batches and takes its own slice of each.
+        batches = self.sampler if world <= 1 else parallel.ShardedBatches(self.sampler, rank, world)
+        self.loader = DataLoader(data, batch_sampler=batches, generator=self.g)
         self._it: Iterator | None = None
         self.epoch = 0  # epochs started since the last restart
         self.batch = 0  # batches taken from the current epoch
@@ -275,11 +280,24 @@ def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Ca
                  on_step: Callable[[int], None] | None = None,
                  teacher: nn.Module | None = None, start: int = 0,
                  opt_state: dict[str, Tensor] | None = None,
-                 after_step: Callable[[int, torch.optim.Optimizer], None] | None = None) -> list[float]:
+                 after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
+                 job: parallel.Job | None = None) -> list[float]:
     """Run SGD steps ``start`` .. ``steps - 1``. ``lr`` is a base rate (scheduled by ``train.scheduler``)
     or a function of the step. With ``teacher``, the loss mixes in ``train.distill`` x KL to its soft
     outputs. ``opt_state`` (:func:`checkpoint.optimizer_tensors`) continues a saved optimizer;
-    ``after_step(k, opt)`` runs after ``on_step(k)`` (checkpoints)."""
+    ``after_step(k, opt)`` runs after ``on_step(k)`` (checkpoints). With a multi-process ``job`` the
+    model trains in DDP with BatchNorm over the global batch (:mod:`prunequant.parallel`)."""
+    job = job or parallel.Job(device=device)
+    with parallel.synced_batchnorm(model):
+        return _steps(model, parallel.wrap(model, job), batches, steps, lr, cfg, device, bar, phase,
+                      on_step, teacher, start, opt_state, after_step)
+
+
+def _steps(model: nn.Module, net: nn.Module, batches: Iterator, steps: int,
+           lr: float | Callable[[int], float], cfg: RunConfig, device: torch.device, bar: _Progress,
+           phase: Callable[[], str], on_step: Callable[[int], None] | None, teacher: nn.Module | None,
+           start: int, opt_state: dict[str, Tensor] | None,
+           after_step: Callable[[int, torch.optim.Optimizer], None] | None) -> list[float]:
     t = cfg.train
     lr_fn = lr if callable(lr) else (lambda k: _lr_at(lr, k, steps, t.scheduler))
     opt = torch.optim.SGD(model.parameters(), lr=lr_fn(0), momentum=t.momentum,
@@ -294,7 +312,7 @@ def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Ca
         bar.phase(phase())
         x, y = next(batches)
         x, y = x.to(device), y.to(device)
-        out = model(x)
+        out = net(x)
         loss = F.cross_entropy(out, y)
         if teacher is not None and t.distill > 0:
             with torch.no_grad():
@@ -326,7 +344,7 @@ class _Checkpointer:
     the checkpoint of step N.
     """
 
-    def __init__(self, cfg: RunConfig, folder: RunFolder, stream: _BatchStream, config_sha256: str):
+    def __init__(self, cfg: RunConfig, folder: RunFolder | None, stream: _BatchStream, config_sha256: str):
         t = cfg.train
         self.every = t.checkpoint_every
         self.seconds = None if t.checkpoint_minutes is None else 60.0 * t.checkpoint_minutes
@@ -344,7 +362,8 @@ class _Checkpointer:
     def after(self, global_step: int, last: bool, save: Callable[[], None]) -> None:
         """After global step ``global_step`` (1-based count of completed steps); ``last``: the phase's
         last step (its end is saved otherwise: dense.pt, or the run's final files)."""
-        if not last and self.due(global_step):
+        # Several processes: rank 0's clock decides, and every rank takes part (random states are gathered).
+        if not last and parallel.broadcast_flag(self.due(global_step)):
             save()
             self.last = time.monotonic()
             self.written.append(global_step)
@@ -354,12 +373,32 @@ class _Checkpointer:
     def save(self, phase: str, step: int, global_step: int, model: nn.Module, opt: torch.optim.Optimizer,
              results: dict[str, Any]) -> None:
         rng, rng_meta = ck.rng_tensors()
+        ranks = parallel.gather_tensors({**rng, "rng.meta": _json_tensor(rng_meta)})
+        if self.folder is None:  # not rank 0: only rank 0 writes
+            return
         pos_t, pos = self.stream.position()
         tensors = {**{f"model.{k}": v.detach() for k, v in model.state_dict().items()},
                    **ck.optimizer_tensors(opt), **pos_t, **rng}
         meta = {"phase": phase, "step": step, "global_step": global_step, "loader": pos, "rng": rng_meta,
-                "config_sha256": self.config_sha256, "results": results}
+                "config_sha256": self.config_sha256, "results": results, "world": len(ranks)}
+        for r, got in enumerate(ranks[1:], 1):  # the other ranks' random states (data augmentation)
+            meta.setdefault("rng_ranks", {})[str(r)] = json.loads(bytes(got.pop("rng.meta").tolist()))
+            tensors.update({f"rank{r}.{k}": v for k, v in got.items()})
         ck.save_checkpoint(self.folder, global_step, tensors, meta)
+
+
+def _json_tensor(data: Any) -> Tensor:
+    return torch.frombuffer(bytearray(json.dumps(data).encode("utf-8")), dtype=torch.uint8)
+
+
+def _restore_rng(state: dict[str, Tensor], meta: dict[str, Any], rank: int) -> None:
+    """This rank's random states from a checkpoint (rank 0's when the run had fewer processes)."""
+    mine = (meta.get("rng_ranks") or {}).get(str(rank))
+    if rank and mine is not None:
+        pre = f"rank{rank}."
+        ck.set_rng({k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}, mine)
+    else:
+        ck.set_rng(state, meta["rng"])
 
 
 def _config_digest(cfg_dict: dict[str, Any]) -> str:
@@ -536,68 +575,103 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
     Bad input (``out_dir``, ``train.device``, ``train.dense_checkpoint``, data) raises a user error
     before any file is written.
     """
-    # Everything that can be wrong with the input is checked before the first file is written.
-    out = check_out_dir(out_dir, resume=resume, overwrite=overwrite)
-    cfg_dict = cfg.to_dict()
-    digest = _config_digest(cfg_dict)
-    if resume:
-        changes = config_changes(read_run_config(out), cfg)
-        if changes:
-            more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
-            raise RecipeError(f"--resume {out}: the configuration differs from the run's {CONFIG}: "
-                              f"{'; '.join(changes[:3])}{more}; a run continues with the configuration it "
-                              "started with: drop --config / --set, or start a new run (another --out, or "
-                              "--overwrite) (nothing was written)")
-    t0 = time.time()
-    torch.set_num_threads(cfg.train.threads or os.cpu_count() or 1)
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    ckpt_path = cfg.train.dense_checkpoint
-    own_dense = bool(ckpt_path) and Path(ckpt_path).resolve() == (out / "dense.pt").resolve()
-    dense_state = load_dense_checkpoint(ckpt_path) if ckpt_path else None
-    data = load_data(cfg, log)
+    # Several processes (torchrun): one job; rank 0 alone logs and writes (see prunequant.parallel).
+    job = parallel.start(resolve_device(cfg.train.device))
     try:
-        model = build_model(cfg.model.name, num_classes=data.num_classes, in_channels=data.in_channels,
-                            image_size=data.image_size, width=cfg.model.width).to(device)
-    except ValueError as e:
-        raise RecipeError(f"model: {cfg.model.name} cannot be built for {data.name} "
-                          f"({data.in_channels}x{data.image_size}x{data.image_size} images): {e}") from None
-    if dense_state is not None:
-        load_dense_state(model, dense_state, cfg, data.name)
-        del dense_state
-    stream = _BatchStream(data.train, cfg.data.batch_size, cfg.train.seed)
-    spe = len(stream)
-    if spe < 1:
-        raise DatasetError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
-                           f"({len(data.train)} images)")
-    example = next(iter(DataLoader(data.val if len(data.val) else data.train, batch_size=8)))[0].to(device)
-    dense_steps = 0 if ckpt_path else int(round(cfg.train.dense_epochs * spe))
-    comp_steps = max(1, int(round(cfg.train.epochs * spe)))
-    _check_schedule_fits(model, cfg, example, spe, comp_steps)
+        return _run_job(cfg, out_dir, log if job.main else (lambda m: None), resume, overwrite, finish, job)
+    finally:
+        job.close()
 
-    lock = RunLock(out, "--resume" if resume else "--out")
-    lock.acquire(log)
+
+def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], resume: bool,
+                 overwrite: bool, finish: Callable[[dict[str, Any]], None] | None,
+                 job: parallel.Job) -> dict[str, Any]:
+    lock: RunLock | None = None
+    try:
+        # Everything that can be wrong with the input is checked before the first file is written; with
+        # several processes, a user error on any rank stops every rank here.
+        with parallel.agreed():
+            out = check_out_dir(out_dir, resume=resume, overwrite=overwrite)
+            cfg_dict = cfg.to_dict()
+            digest = _config_digest(cfg_dict)
+            if resume:
+                changes = config_changes(read_run_config(out), cfg)
+                if changes:
+                    more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
+                    raise RecipeError(
+                        f"--resume {out}: the configuration differs from the run's {CONFIG}: "
+                        f"{'; '.join(changes[:3])}{more}; a run continues with the configuration it started "
+                        "with: drop --config / --set, or start a new run (another --out, or --overwrite) "
+                        "(nothing was written)")
+            if cfg.data.batch_size % job.world:
+                raise RecipeError(f"data.batch_size={cfg.data.batch_size} cannot be split evenly over "
+                                  f"{job.world} processes; use a multiple of {job.world} (every process "
+                                  "takes an equal slice of each global batch)")
+            t0 = time.time()
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", job.world))
+            torch.set_num_threads(cfg.train.threads or max(1, (os.cpu_count() or 1) // max(local, 1)))
+            seed_everything(cfg.train.seed)
+            device = job.device
+            ckpt_path = cfg.train.dense_checkpoint
+            own_dense = bool(ckpt_path) and Path(ckpt_path).resolve() == (out / "dense.pt").resolve()
+            dense_state = load_dense_checkpoint(ckpt_path) if ckpt_path else None
+            data = load_data(cfg, log)
+            try:
+                model = build_model(cfg.model.name, num_classes=data.num_classes,
+                                    in_channels=data.in_channels, image_size=data.image_size,
+                                    width=cfg.model.width).to(device)
+            except ValueError as e:
+                raise RecipeError(f"model: {cfg.model.name} cannot be built for {data.name} "
+                                  f"({data.in_channels}x{data.image_size}x{data.image_size} images): "
+                                  f"{e}") from None
+            if dense_state is not None:
+                load_dense_state(model, dense_state, cfg, data.name)
+                del dense_state
+            stream = _BatchStream(data.train, cfg.data.batch_size, cfg.train.seed, job.rank, job.world)
+            spe = len(stream)
+            if spe < 1:
+                raise DatasetError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
+                                   f"({len(data.train)} images)")
+            example = next(iter(DataLoader(data.val if len(data.val) else data.train, batch_size=8)))[0]
+            example = example.to(device)
+            dense_steps = 0 if ckpt_path else int(round(cfg.train.dense_epochs * spe))
+            comp_steps = max(1, int(round(cfg.train.epochs * spe)))
+            _check_schedule_fits(model, cfg, example, spe, comp_steps)
+
+            if job.main:
+                lock = RunLock(out, "--resume" if resume else "--out")
+                lock.acquire(log)
+                # again, now that no other run can start
+                check_out_dir(out, resume=resume, overwrite=overwrite)
+            state: dict[str, Tensor] | None = None
+            meta: dict[str, Any] = {}
+            from_dense_pt = False
+            if resume:  # every rank reads the checkpoint (the run folder is on storage they all see)
+                name = ck.pick_checkpoint(out, log)
+                if name is not None:
+                    state, meta = ck.load_checkpoint(out, name, digest, log)
+                files = read_manifest(out) or {}
+                if dense_steps and "dense.pt" in files and (state is None or meta["phase"] == "dense"):
+                    # the dense phase ended: continue from dense.pt
+                    state, meta, from_dense_pt = None, {}, True
+                where = (f"{name} (step {meta['global_step']} of {dense_steps + comp_steps}, "
+                         f"{meta['phase']} phase)" if state is not None
+                         else "its dense.pt (compression step 0)" if from_dense_pt
+                         else "the start (no checkpoint yet)")
+                log(f"resuming {out} from {where}")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
     bar: _Progress | None = None
     try:
-        check_out_dir(out, resume=resume, overwrite=overwrite)  # again, now that no other run can start
-        state: dict[str, Tensor] | None = None
-        meta: dict[str, Any] = {}
-        from_dense_pt = False
-        if resume:
+        folder: RunFolder | None = None
+        if resume and job.main:
             folder = RunFolder(out, existing=True)
             for q in [*out.glob(".*.tmp"), *(out / ck.CHECKPOINTS).glob(".*.tmp")]:
                 q.unlink()  # temporary files of writes the interrupted run did not finish (it held the lock)
-            name = ck.pick_checkpoint(out, log)
-            if name is not None:
-                state, meta = ck.load_checkpoint(out, name, digest, log)
-            files = read_manifest(out) or {}
-            if dense_steps and "dense.pt" in files and (state is None or meta["phase"] == "dense"):
-                state, meta, from_dense_pt = None, {}, True  # the dense phase ended: continue from dense.pt
-            where = (f"{name} (step {meta['global_step']} of {dense_steps + comp_steps}, {meta['phase']} "
-                     "phase)" if state is not None else "its dense.pt (compression step 0)" if from_dense_pt
-                     else "the start (no checkpoint yet)")
-            log(f"resuming {out} from {where}")
-        else:
+        elif job.main:
             if overwrite:
                 gone = clear_run(out, keep=("dense.pt",) if own_dense else ())
                 if gone:
@@ -609,7 +683,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
         phase0 = meta.get("phase")
         ckw = _Checkpointer(cfg, folder, stream, digest)
         done = meta.get("global_step", dense_steps if from_dense_pt else 0)
-        bar = _Progress(dense_steps + comp_steps, cfg.train.progress, initial=done)
+        bar = _Progress(dense_steps + comp_steps, cfg.train.progress and job.main, initial=done)
         results: dict[str, Any] = {"phases": {}}
         timings: dict[str, float] = {}
         if resume:
@@ -639,7 +713,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
                 model.load_state_dict({k[6:]: v for k, v in state.items() if k.startswith("model.")})
                 opt_state = {k: v for k, v in state.items() if k.startswith("optim.")}
                 stream.seek(state, meta["loader"])
-                ck.set_rng(state, meta["rng"])
+                _restore_rng(state, meta, job.rank)
                 start = meta["step"]
 
             def dense_after(k: int, opt: torch.optim.Optimizer) -> None:
@@ -647,10 +721,12 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
                           lambda: ckw.save("dense", k + 1, k + 1, model, opt, {}))
 
             _train_steps(model, stream, dense_steps, cfg.train.lr, cfg, device, bar, dense_name, start=start,
-                         opt_state=opt_state, after_step=dense_after)
+                         opt_state=opt_state, after_step=dense_after, job=job)
             state = opt_state = None
-            folder.save_tensors("dense.pt", model.state_dict())
-            folder.remove(*ck.listed_checkpoints(out))  # dense.pt supersedes the dense phase's checkpoints
+            if folder is not None:
+                folder.save_tensors("dense.pt", model.state_dict())
+                # dense.pt supersedes the dense phase's checkpoints
+                folder.remove(*ck.listed_checkpoints(out))
             # Compression starts from the random state (and the loader's first epoch) that a run
             # loading this dense.pt through train.dense_checkpoint starts from: the two are the same run.
             _set_rng_state(rng)
@@ -658,7 +734,7 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
         timings["dense_s"] = time.time() - t
         if phase0 == "compress":
             results["phases"]["dense"] = meta["results"]["dense"]
-        else:
+        elif job.main:  # evaluation is done once, by rank 0
             bar.phase("evaluating dense")
             results["phases"]["dense"] = _phase_result(model, data, example, device, cfg)
 
@@ -687,6 +763,8 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
 
         def on_step(k: int) -> None:
             comp.step()
+            if not job.main:
+                return
             if "pruned" not in snap and comp.spec is not None and comp.pruning_done:
                 bar.phase("evaluating pruned")
                 snap["pruned"] = _phase_result(cmodel, data, example, device, cfg)
@@ -700,18 +778,21 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
         def comp_after(k: int, opt: torch.optim.Optimizer) -> None:
             ckw.after(dense_steps + k + 1, k + 1 == comp_steps,
                       lambda: ckw.save("compress", k + 1, dense_steps + k + 1, cmodel, opt,
-                                       {"dense": results["phases"]["dense"], "snap": snap}))
+                                       {"dense": results["phases"].get("dense"), "snap": snap}))
 
         lr_fn = compress_lr_schedule(cfg, comp_steps, comp.timeline.quant_begin)
         if phase0 == "compress":  # last: building the compressor above must not move the random state
             stream.seek(state, meta["loader"])
-            ck.set_rng(state, meta["rng"])
+            _restore_rng(state, meta, job.rank)
         state = None
         _train_steps(cmodel, stream, comp_steps, lr_fn, cfg, device, bar,
                      lambda: _compress_phase_name(comp), on_step, teacher=teacher, start=start,
-                     opt_state=opt_state, after_step=comp_after)
+                     opt_state=opt_state, after_step=comp_after, job=job)
         del teacher, opt_state
         final = comp.finalize()
+        agree = _ranks_agree(comp.model)
+        if not job.main:
+            return {}
         timings["compress_s"] = time.time() - t
         bar.phase("evaluating final")
         results["phases"].update(snap)
@@ -733,13 +814,36 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
         if ckw.written:
             timings["checkpoints_written"] = len(ckw.written)
         _final_results(results, data, spe, dense_steps, comp_steps, comp, timings, device)
+        if job.world > 1:
+            results["processes"] = {"world_size": job.world, "backend": torch.distributed.get_backend(),
+                                    "global_batch": cfg.data.batch_size,
+                                    "per_process_batch": cfg.data.batch_size // job.world,
+                                    "state_identical_on_all_ranks": agree}
+            if not agree:
+                log("warning: the ranks ended with different model / compression state (see "
+                    "report.json: processes)")
         if finish is not None:
             finish(results)
     finally:
         if bar is not None:
             bar.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
     return results
+
+
+def _ranks_agree(model: nn.Module) -> bool:
+    """Whether every rank holds bit-identical weights, BatchNorm statistics, masks and quantizer state
+    (compared by SHA-256 of the state dict; True with one process)."""
+    if parallel.world_size() <= 1:
+        return True
+    h = hashlib.sha256()
+    for k, v in sorted(model.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8)
+    got = parallel.gather_tensors({"sha256": mine})
+    return all(torch.equal(g["sha256"], got[0]["sha256"]) for g in got)
 
 
 def _final_results(results: dict[str, Any], data: DataBundle, spe: int, dense_steps: int, comp_steps: int,
