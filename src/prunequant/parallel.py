@@ -250,8 +250,10 @@ def _sync_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor
     self._check_input_dim(x)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    n = all_sum(torch.tensor([x.numel() // x.shape[1]], dtype=torch.float64)).item()
-    mean = _AllSum.apply(x.sum(dims)) / n
+    # one collective for the sums and the global element count (ranks may hold unequal batches)
+    sums = _AllSum.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))
+    n = float(sums[-1].detach())
+    mean = sums[:-1] / n
     xc = x - mean.reshape(shape)
     var = _AllSum.apply((xc * xc).sum(dims)) / n
     if self.track_running_stats and self.running_mean is not None:

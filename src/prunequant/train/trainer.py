@@ -161,14 +161,15 @@ class _BatchStream:
     (:class:`prunequant.parallel.ShardedBatches`); the position is the same on every rank.
     """
 
-    def __init__(self, data: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1):
+    def __init__(self, data: Any, batch_size: int, seed: int, rank: int = 0, world: int = 1,
+                 pin_memory: bool = False):
         self.seed = seed
         self.g = torch.Generator().manual_seed(seed)
         self.sampler = _SkippingBatchSampler(RandomSampler(data, generator=self.g), batch_size,
                                              drop_last=True)
         # Several processes: every rank draws the same global batches and takes its own slice of each.
         batches = self.sampler if world <= 1 else parallel.ShardedBatches(self.sampler, rank, world)
-        self.loader = DataLoader(data, batch_sampler=batches, generator=self.g)
+        self.loader = DataLoader(data, batch_sampler=batches, generator=self.g, pin_memory=pin_memory)
         self._it: Iterator | None = None
         self.epoch = 0  # epochs started since the last restart
         self.batch = 0  # batches taken from the current epoch
@@ -311,7 +312,7 @@ def _steps(model: nn.Module, net: nn.Module, batches: Iterator, steps: int,
             g["lr"] = lr_fn(k)
         bar.phase(phase())
         x, y = next(batches)
-        x, y = x.to(device), y.to(device)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = net(x)
         loss = F.cross_entropy(out, y)
         if teacher is not None and t.distill > 0:
@@ -627,7 +628,8 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
             if dense_state is not None:
                 load_dense_state(model, dense_state, cfg, data.name)
                 del dense_state
-            stream = _BatchStream(data.train, cfg.data.batch_size, cfg.train.seed, job.rank, job.world)
+            stream = _BatchStream(data.train, cfg.data.batch_size, cfg.train.seed, job.rank, job.world,
+                                  pin_memory=device.type == "cuda")
             spe = len(stream)
             if spe < 1:
                 raise DatasetError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
