@@ -26,11 +26,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from torch import Tensor, nn
 
 from .errors import JobStopped, PrunequantError
+
+TIMEOUT = timedelta(minutes=60)
 
 
 def env_world_size() -> int:
@@ -83,7 +86,8 @@ def start(device: torch.device) -> Job:
     """Join the job the launcher described (``WORLD_SIZE`` > 1), or a one-process :class:`Job`.
 
     NCCL when ``device`` is CUDA (each rank on ``cuda:LOCAL_RANK``), gloo on CPU. A process group the
-    caller already initialized is used as it is.
+    caller already initialized is used as it is. Collectives time out after :data:`TIMEOUT` (rank 0
+    evaluates alone while the others wait at their next collective).
     """
     dist = torch.distributed
     if not initialized() and env_world_size() <= 1:
@@ -96,7 +100,8 @@ def start(device: torch.device) -> Job:
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                timeout=TIMEOUT)
         owned = True
     comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
     return Job(rank=dist.get_rank(), world=dist.get_world_size(), device=device, comm_device=comm,
