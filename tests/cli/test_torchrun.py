@@ -100,6 +100,8 @@ def test_two_processes_end_with_the_one_process_masks_quantizers_and_report(runs
 def test_only_rank_0_writes_and_prints(runs) -> None:
     _, two, out = runs
     verify_run(two, ["report.json", "masked.pt", "config.json"])  # one manifest, every file intact
+    assert "- processes: 2 (gloo), global batch 64 = 32 per process; model and compression state identical " \
+        "on all ranks: yes" in out
     assert out.count("(2 processes)") == 1 and out.count("# prunequant run") == 1  # header, summary
     assert out.count("\nwrote ") == 1
     assert not list(two.glob("checkpoints/*"))

@@ -8,7 +8,9 @@
   start quantizing), ``timing`` (seconds of this process; with ``checkpoints_written`` when it
   wrote any and ``resumed_at_step`` for a resumed run), ``device``, ``threads``, ``machine`` (the
   CPU class and brand, its integer-kernel flags, the torch version: float results differ across
-  CPU classes);
+  CPU classes); ``processes`` only for a run of several processes (``world_size``, ``backend``,
+  ``global_batch``, ``per_process_batch``, ``state_identical_on_all_ranks``: see
+  :mod:`prunequant.parallel`);
 * ``shrink_check``: the masked vs the physically smaller model on up to 2,000 test images
   (``samples``, ``samples_differing`` beyond float noise, ``max_abs_diff``, ``argmax_agreement``);
 * ``phases``: ``dense``, ``pruned`` (when pruning ran: measured at the step the last mask froze, with
@@ -57,6 +59,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
         f"- time: {results['timing'].get('total_s', 0):.0f} s on {results['device']} "
         f"({results['threads']} threads)",
     ]
+    procs = results.get("processes")
+    if procs:
+        same = "yes" if procs.get("state_identical_on_all_ranks") else "NO (see report.json)"
+        lines.append(f"- processes: {procs['world_size']} ({procs['backend']}), global batch "
+                     f"{procs['global_batch']} = {procs['per_process_batch']} per process; model and "
+                     f"compression state identical on all ranks: {same}")
     mach = results.get("machine")
     if mach:
         cpu = mach.get("cpu") or "unknown CPU"
