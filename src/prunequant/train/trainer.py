@@ -575,6 +575,11 @@ def run(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None] = print,
     The resumed run ends with the results of the uninterrupted one, bit for bit (timings aside).
     Bad input (``out_dir``, ``train.device``, ``train.dense_checkpoint``, data) raises a user error
     before any file is written.
+
+    Started by ``torchrun`` (``WORLD_SIZE`` > 1) the processes run one job (see
+    :mod:`prunequant.parallel`: the same global batches, BatchNorm and quantizer ranges over them,
+    identical state on every rank); rank 0 alone logs, evaluates and writes, and returns the
+    results; the other ranks return ``{}``.
     """
     # Several processes (torchrun): one job; rank 0 alone logs and writes (see prunequant.parallel).
     job = parallel.start(resolve_device(cfg.train.device))
