@@ -29,7 +29,7 @@ demo: setup data
 
 test: setup data
 	$(PY) -m ruff check src tests benchmarks
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadgroup -q
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks

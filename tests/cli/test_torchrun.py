@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,9 @@ TINY = {
     },
 }
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
+# one xdist worker runs the module, so the two runs of the fixture are made once
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built"),
+              pytest.mark.xdist_group("torchrun")]
 
 
 def _env() -> dict[str, str]:
@@ -128,6 +131,27 @@ def test_two_processes_killed_mid_pruning_resume_bit_for_bit(runs, tmp_path: Pat
     ra = json.loads((two / "report.json").read_text())
     rb = json.loads((out / "report.json").read_text())
     assert ra["phases"] == rb["phases"]
+
+
+def test_two_nodes_through_a_rendezvous_run_the_same_job(runs, tmp_path: Path) -> None:
+    """Two torchrun launchers (``--nnodes=2``, one process each, c10d rendezvous on this host): the
+    multi-node command line of docs/scale.md gives the standalone two-process run, bit for bit."""
+    _, two, _ = runs
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = tmp_path / "nodes"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=pq_nodes", "-m",
+           "prunequant", "run", "--no-progress", "--config", str(two.parent / "tiny.yaml"), "--out", str(out)]
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert all(p.returncode == 0 for p in nodes), outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert sum(o.count("(2 processes)") for o, _ in outs) == 1  # one launcher's process is rank 0
+    a, b = _state(two), _state(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((out / "report.json").read_text())["processes"]["state_identical_on_all_ranks"]
 
 
 def test_a_batch_that_cannot_be_split_is_one_message(tmp_path: Path) -> None:
