@@ -21,6 +21,7 @@ from prunequant.models import (
 )
 
 PRUNE = {"prune": {"sparsity": 0.5, "unit": "steps", "start": 0, "interval": 2, "refresh": 1}, "quant": None}
+W4A4 = {"weight_bits": 4, "act_bits": 4, "unit": "steps", "weight_delay": 2, "act_delay": 3}
 
 
 def _weights(model: nn.Module) -> int:
@@ -92,13 +93,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("quant", [None, W4A4], ids=["prune", "prune_w4a4"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_prune_and_shrink(name: str) -> None:
+def test_prune_and_shrink(name: str, quant: dict | None) -> None:
     build, in_shape, out_shape, sites = CASES[name]
     torch.manual_seed(0)
     model = build()
     trace(model)  # prunequant's tracer accepts it
-    comp = prunequant.Compressor(model, PRUNE, torch.rand(*in_shape))
+    comp = prunequant.Compressor(model, {**PRUNE, "quant": quant}, torch.rand(*in_shape))
     assert {s.name: s.channels for s in comp.plan.sites} == sites
     assert comp.plan.skipped == {}
     net = comp.model.train()
