@@ -14,9 +14,30 @@ running sums can be all-reduced across ranks (sum of ``stat_sum`` and ``stat_cou
   by ``2**b``); integer zero point ``round(-lb / step)``. Optionally (not in the paper) the
   per-batch statistic is a high percentile instead of the max (and the matching low percentile
   instead of the min), which clips rare outliers and gives the 2**b levels a finer step.
+
+In eval mode (and for a frozen activation quantizer) the quantization parameters only change when a
+buffer, a weight or an option does, so both quantizers cache what they derive from them: the weight
+quantizer its scale and, where no gradient is wanted, the fake-quantized weight itself; the activation
+quantizer its ``(step, zero_point)`` tensors. Without a gradient the activation is fake-quantized by
+the same operations in place, in one buffer (:func:`fake_quantize_nograd`), which on the CPU is reused
+from call to call once nothing refers to the previous output any more (see :class:`_BufferPool`;
+:func:`set_buffer_pool_bytes`). Outputs are bit-identical to the uncached computation
+(:func:`eval_cache` turns the caches off). A cache entry is checked on every
+call against the identity, version counter, data pointer, shape and dtype of every tensor it was derived
+from, so in-place updates (optimizer steps, ``load_state_dict``, ``copy_``), replaced tensors and
+``.to()`` all invalidate it; ``train()`` / ``eval()`` clear it, and it is never saved (not in
+``state_dict``, dropped by ``copy.deepcopy`` and pickling). Only writes through ``.data``, which
+bypass version counters, go unseen until the next ``train()`` / ``eval()`` or :meth:`clear_cache`.
 """
 
 from __future__ import annotations
+
+import contextlib
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -139,7 +160,196 @@ def quantize_to_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qma
     return torch.clamp(torch.round(x / scale) + zero_point.to(x.dtype), qmin, qmax).to(torch.int64)
 
 
-class WeightQuantizer(nn.Module):
+def fake_quantize_nograd(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int,
+                         out: Tensor | None = None, zero_point_is_zero: bool = False) -> Tensor:
+    """:func:`fake_quantize`'s values without autograd: the same operations in the same order, done in
+    place in one buffer (``out``, or a new one), so the result is bit-identical (``zero_point``
+    already in ``x.dtype``). ``zero_point_is_zero`` skips subtracting it, exact for every value
+    (``t - 0.0`` is ``t``; the addition before it already turned ``-0.0`` into ``+0.0``).
+
+    Large tensors cost several times less than the out-of-place chain, which allocates (and on first
+    touch page-faults) a fresh buffer per operation.
+    """
+    t = torch.div(x, scale) if out is None else torch.div(x, scale, out=out)
+    t.round_()
+    t.add_(zero_point)
+    t.clamp_(qmin, qmax)
+    if not zero_point_is_zero:
+        t.sub_(zero_point)
+    return t.mul_(scale)
+
+
+def _storage_uses(t: Tensor) -> int:
+    """How many references the storage of ``t`` has (tensors and views on it, storage objects)."""
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class _BufferPool:
+    """Output buffers of the in-place activation fake quantization, reused once nobody holds them.
+
+    A fresh multi-megabyte buffer comes from the operating system page by page (glibc gives large freed
+    blocks back), which costs about as much as the quantization arithmetic itself. A buffer is handed
+    out as an alias (``buf.detach()``) and taken back only when that alias has died (weak reference)
+    and its storage has no other user (the use count it had when it was made), so a caller that keeps
+    the output, or any view of it, keeps the memory to itself. Buffers are pooled by layout (shape,
+    strides, dtype, device, inference mode), at most two per layout, least recently used dropped first,
+    up to :attr:`max_bytes` in all; buffers under :attr:`min_bytes` are not worth it (the allocator
+    keeps those), and CUDA tensors are never pooled.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20, min_bytes: int = 256 << 10):
+        self.max_bytes = max_bytes
+        self.min_bytes = min_bytes
+        self.enabled = hasattr(torch._C, "_storage_Use_Count")
+        self._lock = threading.Lock()
+        self._free: OrderedDict[tuple, list[tuple[Tensor, weakref.ref, int]]] = OrderedDict()
+        self._bytes = 0
+
+    def wants(self, x: Tensor) -> bool:
+        """Whether results of ``x``'s size are pooled: on the CPU (CUDA has a caching allocator, and
+        streams this pool does not track), between :attr:`min_bytes` and :attr:`max_bytes`."""
+        return self.enabled and x.is_cpu and self.min_bytes <= x.numel() * x.element_size() <= self.max_bytes
+
+    @staticmethod
+    def key(x: Tensor) -> tuple:
+        """The layout ``torch.div(x, scalar)`` gives its result."""
+        return (x.shape, x.stride(), x.dtype, x.device, torch.is_inference_mode_enabled())
+
+    def take(self, key: tuple) -> tuple[Tensor, int] | None:
+        """A pooled buffer for ``key`` that nothing else refers to, and its storage use count, or ``None``."""
+        if not self.enabled:
+            return None
+        with self._lock:
+            entries = self._free.get(key)
+            while entries:
+                buf, alias, uses = entries.pop()
+                self._bytes -= buf.numel() * buf.element_size()
+                if alias() is None and _storage_uses(buf) == uses:
+                    return buf, uses
+            return None
+
+    def give(self, key: tuple, buf: Tensor, uses: int) -> Tensor:
+        """Pool ``buf`` (whose storage had ``uses`` references when it was made); return its alias."""
+        alias = buf.detach()
+        size = buf.numel() * buf.element_size()
+        if not self.enabled or size > self.max_bytes:
+            return alias
+        with self._lock:
+            entries = self._free.setdefault(key, [])
+            self._free.move_to_end(key)
+            entries.append((buf, weakref.ref(alias), uses))
+            self._bytes += size
+            if len(entries) > 2:
+                old = entries.pop(0)[0]
+                self._bytes -= old.numel() * old.element_size()
+            while self._bytes > self.max_bytes and self._free:
+                _, dropped = self._free.popitem(last=False)
+                self._bytes -= sum(b.numel() * b.element_size() for b, _, _ in dropped)
+        return alias
+
+    def clear(self) -> None:
+        """Drop every pooled buffer."""
+        with self._lock:
+            self._free.clear()
+            self._bytes = 0
+
+
+_POOL = _BufferPool()
+
+
+def set_buffer_pool_bytes(max_bytes: int) -> None:
+    """Cap (in bytes) the memory the pool of activation-quantizer output buffers keeps between calls
+    (default 64 MiB; 0 turns reuse off). The pool only serves eval-mode calls without autograd."""
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be a non-negative integer, got {max_bytes!r}")
+    _POOL.clear()
+    _POOL.max_bytes = max_bytes
+
+
+_EVAL_CACHE = [True]
+
+
+def eval_cache_enabled() -> bool:
+    """Whether quantizers in eval mode use their caches (see :func:`eval_cache`)."""
+    return _EVAL_CACHE[0]
+
+
+@contextlib.contextmanager
+def eval_cache(enabled: bool = True) -> Iterator[None]:
+    """Within the block, quantizers in eval mode use (``True``) or bypass (``False``) their caches and
+    the in-place fake quantization: ``False`` runs exactly the uncached code (for comparisons)."""
+    prev = _EVAL_CACHE[0]
+    _EVAL_CACHE[0] = bool(enabled)
+    try:
+        yield
+    finally:
+        _EVAL_CACHE[0] = prev
+
+
+_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
+
+
+def _use_cache(x: Any) -> bool:
+    """The eval-mode caches apply: enabled, a real tensor, not under ``torch.jit`` tracing or
+    ``torch.compile`` / ``torch.export`` (which must see the operations, not a cached constant)."""
+    return _EVAL_CACHE[0] and isinstance(x, Tensor) and not torch.jit.is_tracing() and not _compiling()
+
+
+def _key(tensors: tuple[Tensor, ...], options: tuple) -> tuple | None:
+    """What identifies the values of ``tensors`` (identity, version counter, data pointer, shape and
+    dtype of each) and ``options`` now; ``None`` when one is an inference tensor (no version counter)."""
+    k: list[Any] = []
+    try:
+        for t in tensors:
+            k += (id(t), t._version, t.data_ptr(), t.shape, t.dtype)
+    except RuntimeError:
+        return None
+    k += options
+    return tuple(k)
+
+
+class _CacheMixin:
+    """One cache entry ``(key, tensors, values)``: ``values`` were derived from ``tensors`` (held, so
+    their ids stay theirs) when :func:`_key` gave ``key``. Never saved; dropped on ``train()`` /
+    ``eval()``, by copies and pickles."""
+
+    _pq_cache: tuple | None = None
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode cache (needed only after writes through ``.data``, which bypass version
+        counters)."""
+        self._pq_cache = None
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        """As :meth:`torch.nn.Module.train`; also clears the cache."""
+        self._pq_cache = None
+        return super().train(mode)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_pq_cache", None)
+        return state
+
+    def _cache_get(self, key: tuple | None) -> dict[str, Any] | None:
+        c = self._pq_cache
+        if c is not None and key is not None and c[0] == key:
+            return c[2]
+        return None
+
+    def _cache_put(self, key: tuple | None, tensors: tuple[Tensor, ...],
+                   values: dict[str, Any]) -> dict[str, Any]:
+        self._pq_cache = None if key is None else (key, tensors, values)
+        return values
+
+
+def clear_quantizer_caches(model: nn.Module) -> None:
+    """Clear the eval-mode cache of every quantizer in ``model`` (after writes through ``.data``)."""
+    for m in model.modules():
+        if isinstance(m, _CacheMixin):
+            m.clear_cache()
+
+
+class WeightQuantizer(_CacheMixin, nn.Module):
     """Symmetric weight fake-quantizer with a running-mean scale.
 
     Args:
@@ -228,10 +438,38 @@ class WeightQuantizer(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         """Fake-quantized weight when enabled, else ``w`` unchanged."""
+        if not self.training and _use_cache(w):
+            return self._forward_cached(w)
         if not bool(self.enabled):
             return w
         s = self._broadcast(self.scale(w).to(w.device, w.dtype), w)
         return fake_quantize(w, s, torch.zeros((), device=w.device), self.qmin, self.qmax)
+
+    def _forward_cached(self, w: Tensor) -> Tensor:
+        """Eval mode: :meth:`forward` with the scale, and (without autograd) the result, cached."""
+        b = self._buffers
+        tensors = (w, b["stat_sum"], b["stat_count"], b["enabled"])
+        key = _key(tensors, (self.bits, self.weight_range, self.power_of_two, self.per_channel, self.axis,
+                             self.clip))
+        v = self._cache_get(key)
+        if v is None:
+            if not bool(self.enabled):
+                v = {"off": True}
+            else:
+                with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
+                    s = self._broadcast(self.scale(w).to(w.device, w.dtype), w)
+                    v = {"off": False, "scale": s, "zero": torch.zeros((), device=w.device).to(w.dtype)}
+            v = self._cache_put(key, tensors, v)
+        if v["off"]:
+            return w
+        if torch.is_grad_enabled() and w.requires_grad:
+            return _FakeQuant.apply(w, v["scale"], v["zero"], self.qmin, self.qmax)
+        out = v.get("out")
+        if out is None or out._version != v["out_version"]:  # first use, or written to by a caller
+            with torch.inference_mode(False), torch.no_grad():
+                out = fake_quantize_nograd(w.detach(), v["scale"], v["zero"], self.qmin, self.qmax)
+            v["out"], v["out_version"] = out, out._version
+        return out
 
     def int_codes(self, w: Tensor) -> Tensor:
         """Integer weight codes in ``[qmin, qmax]``."""
@@ -245,7 +483,7 @@ class WeightQuantizer(nn.Module):
         return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}{clip}{rng}"
 
 
-class ActQuantizer(nn.Module):
+class ActQuantizer(_CacheMixin, nn.Module):
     """Asymmetric per-tensor activation fake-quantizer with running-mean min/max bounds.
 
     In training mode (and while not frozen) each forward adds the batch min and max to the
@@ -304,6 +542,8 @@ class ActQuantizer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantized activation when enabled."""
+        if (not self.training or bool(self.frozen)) and _use_cache(x):
+            return self._forward_cached(x)
         if not bool(self.enabled):
             return x
         if self.training and not bool(self.frozen):
@@ -313,6 +553,38 @@ class ActQuantizer(nn.Module):
                                "calibration pass first")
         step, zp = self.qparams()
         return fake_quantize(x, step.to(x.device, x.dtype), zp.to(x.device), self.qmin, self.qmax)
+
+    def _forward_cached(self, x: Tensor) -> Tensor:
+        """Statistics not updating (eval mode or frozen): :meth:`forward` with ``(step, zero_point)``
+        cached, fake-quantized in place when no gradient is wanted."""
+        b = self._buffers
+        tensors = (b["min_sum"], b["max_sum"], b["stat_count"], b["enabled"])
+        key = _key(tensors, (self.bits, x.dtype, x.device))
+        v = self._cache_get(key)
+        if v is None:
+            if not bool(self.enabled):
+                v = {"off": True}
+            else:
+                if self.stat_count <= 0:
+                    raise RuntimeError("ActQuantizer is enabled but has never seen data; run a training or "
+                                       "calibration pass first")
+                with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
+                    step, zp = self.qparams()
+                    v = {"off": False, "step": step.to(x.device, x.dtype), "zp": zp.to(x.device).to(x.dtype),
+                         "zp0": float(zp) == 0.0}
+            v = self._cache_put(key, tensors, v)
+        if v["off"]:
+            return x
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _FakeQuant.apply(x, v["step"], v["zp"], self.qmin, self.qmax)
+        step, zp, zp0 = v["step"], v["zp"], v["zp0"]
+        if not _POOL.wants(x):
+            return fake_quantize_nograd(x, step, zp, self.qmin, self.qmax, zero_point_is_zero=zp0)
+        key = _POOL.key(x)
+        got = _POOL.take(key)
+        t = fake_quantize_nograd(x, step, zp, self.qmin, self.qmax, out=None if got is None else got[0],
+                                 zero_point_is_zero=zp0)
+        return _POOL.give(key, t, _storage_uses(t) if got is None else got[1])
 
     def int_codes(self, x: Tensor) -> Tensor:
         """Unsigned integer activation codes in ``[0, 2**b - 1]``."""
