@@ -248,7 +248,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     dev = torch.device(args.device)
     b = args.batch
     n_batches = xs.shape[0] // b
-    batches = [(xs[i * b:(i + 1) * b].to(dev), ys[i * b:(i + 1) * b].to(dev)) for i in range(n_batches)]
+    # copies, so that each batch is its own storage (the saved-tensor count tells the labels apart)
+    batches = [(xs[i * b:(i + 1) * b].to(dev, copy=True), ys[i * b:(i + 1) * b].to(dev, copy=True))
+               for i in range(n_batches)]
     del xs, ys
     net, comp = build(args.model, args.width, args.phase, batches[0][0][:8].cpu(), b)
     net.to(dev).train()
