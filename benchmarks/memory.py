@@ -38,7 +38,7 @@ Two measurements, written to ``benchmarks/results/memory/`` (``memory.json`` and
    ``stat_count`` / flags, weight quantizer ``stat_sum`` / ``stat_count`` / flag), counted exactly from
    ``comp.model.state_dict()``, next to the bytes of the layer's weights.
 
-    .venv/bin/python benchmarks/memory.py                                  # the full table (~15 min)
+    .venv/bin/python benchmarks/memory.py                                  # everything (~25 min, 1 core)
     .venv/bin/python benchmarks/memory.py --models resnet20 --batches 32   # a quick look
 """
 
@@ -481,7 +481,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--width", type=float, default=1.0)
     ap.add_argument("--warmup", type=int, default=2, help="training steps before the measured ones")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                    help="auto: also measure on CUDA when it is available")
+                    help="auto: also measure on CUDA when it is available; cuda: insist on it; cpu: CPU only")
     ap.add_argument("--out", type=Path, default=OUT)
     # worker mode (one configuration, run by main in a fresh process)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -502,7 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.warmup < 1:
         raise SystemExit("--warmup must be at least 1")
     a.out.mkdir(parents=True, exist_ok=True)
-    devices = ["cpu"] + (["cuda"] if a.device == "auto" and torch.cuda.is_available() else [])
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: CUDA is not available here")
+    devices = ["cpu"] + (["cuda"] if a.device != "cpu" and torch.cuda.is_available() else [])
     per_run = a.warmup + 4  # warm-up, the rss step, the profiler's warm-up and measured step
     xs, ys, source = load_batches(max(a.batches) * per_run)
     print(f"data: {source}", flush=True)
