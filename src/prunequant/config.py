@@ -7,6 +7,11 @@ messages that name the field and the allowed values::
     data:   {name: fashion_mnist, root: null, val_fraction: 0.1, train_subset: null, batch_size: 128}
     train:  {dense_epochs: 4, epochs: 3, lr: 0.1, compress_lr: 0.02, seed: 0}
     recipe: {prune: {...}, quant: {...}, ordering: prune_then_quantize}
+
+Image restoration (``prunequant.train.tasks``): ``model.name`` espcn / fsrcnn with ``data.name:
+sr_images`` (``data.scale``), unet_denoise with ``denoise_images`` (``data.sigma``, ``data.channels``);
+``data.patch_size`` and ``data.patches_per_epoch`` for both. :func:`check_task_fields` refuses a model
+that does not fit the data and restoration-only fields on other data.
 """
 
 from __future__ import annotations
