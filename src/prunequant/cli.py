@@ -323,6 +323,9 @@ def _analyze(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         out = Path(args.out)
         summary = out / "summary.md"
         rep_data, shape, num_classes = None, None, None
+    if cfg.data.name in RESTORATION_DATA:
+        raise RecipeError(f"analyze: data.name={cfg.data.name} is image restoration; the ranking analysis "
+                          "runs on classification runs only (nothing was written)")
     _check_analysis_out(out)
     if args.no_progress:
         cfg.train.progress = False

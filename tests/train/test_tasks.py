@@ -156,3 +156,11 @@ def test_espcn_export_qdq_matches_pytorch_in_onnx_runtime(espcn_run: tuple[dict,
     # graph optimization off: what the file computes on any CPU, within one 8-bit output step
     assert res["reference"]["within_output_step"] == 1.0, res
     assert res["reference"]["max_abs_diff"] < 0.01, res
+
+
+def test_analyze_refuses_a_restoration_run(espcn_run: tuple[dict, Path], capsys: pytest.CaptureFixture[str]
+                                           ) -> None:
+    _, out = espcn_run
+    fails(["analyze", str(out)], capsys, "data.name=sr_images is image restoration",
+          "classification runs only")
+    assert not (out / "analysis").exists()
