@@ -291,9 +291,10 @@ def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Ca
                  opt_state: dict[str, Tensor] | None = None,
                  after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
                  job: parallel.Job | None = None, task: Task = CLASSIFICATION) -> list[float]:
-    """Run SGD steps ``start`` .. ``steps - 1``. ``lr`` is a base rate (scheduled by ``train.scheduler``)
-    or a function of the step. With ``teacher``, the loss mixes in ``train.distill`` x KL to its soft
-    outputs. ``opt_state`` (:func:`checkpoint.optimizer_tensors`) continues a saved optimizer;
+    """Run optimizer steps ``start`` .. ``steps - 1`` (SGD, or Adam with ``train.optimizer: adam``).
+    ``lr`` is a base rate (scheduled by ``train.scheduler``) or a function of the step. With
+    ``teacher``, the loss mixes in ``train.distill`` x the task's distillation loss (classification: KL
+    to its soft outputs). ``opt_state`` (:func:`checkpoint.optimizer_tensors`) continues a saved optimizer;
     ``after_step(k, opt)`` runs after ``on_step(k)`` (checkpoints). With a multi-process ``job`` the
     model trains in DDP with BatchNorm over the global batch (:mod:`prunequant.parallel`). The loss is
     ``task.loss`` (:mod:`prunequant.train.tasks`: cross-entropy for classification)."""
