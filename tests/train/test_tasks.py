@@ -164,3 +164,36 @@ def test_analyze_refuses_a_restoration_run(espcn_run: tuple[dict, Path], capsys:
     fails(["analyze", str(out)], capsys, "data.name=sr_images is image restoration",
           "classification runs only")
     assert not (out / "analysis").exists()
+
+
+class _EpochPatches(torch.utils.data.Dataset):
+    """Item i of epoch e is (e, i): which patches a batch saw."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([self.epoch, i]), torch.tensor(0)
+
+
+def test_patch_epochs_follow_the_stream_and_its_resume() -> None:
+    """Each epoch of the batch stream draws its own patches (set_epoch), and a stream continued from a
+    saved position sees the same patches as the uninterrupted one."""
+    from prunequant.train.trainer import _BatchStream
+
+    a = _BatchStream(_EpochPatches(), 4, seed=0)
+    seen = [next(a)[0] for _ in range(5)]  # 2 batches per epoch: epochs 0, 0, 1, 1, 2
+    assert [int(b[0, 0]) for b in seen] == [0, 0, 1, 1, 2]
+    tensors, pos = a.position()
+    b = _BatchStream(_EpochPatches(), 4, seed=0)
+    b.seek(tensors, pos)
+    for _ in range(4):
+        assert torch.equal(next(a)[0], next(b)[0])
+    a.restart()
+    assert int(next(a)[0][0, 0]) == 0
