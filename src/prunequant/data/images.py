@@ -384,6 +384,7 @@ class RestorationBundle:
     val_images: tuple[str, ...] = field(default_factory=tuple)
     test_images: tuple[str, ...] = field(default_factory=tuple)
     degradation: str = ""
+    name: str = ""  # the run's data.name (sr_images / denoise_images), set by the trainer's task
 
 
 def load_super_resolution(scale: int = 2, patch_size: int = 32, patches_per_epoch: int = 1024,

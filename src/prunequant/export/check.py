@@ -122,12 +122,28 @@ def check_run(cfg: Any, model: nn.Module, path: str | Path, fold_bn: bool = Fals
     ``model`` the run's finalized model; with ``fold_bn`` the file means
     ``fold_batchnorm(model, integer_bias=True)``, which is then the PyTorch side.
     """
+    from ..config import RESTORATION_DATA
     from ..train.trainer import load_data
     from .fold import fold_batchnorm
 
-    data = load_data(cfg)
-    xs, ys = zip(*(data.test[i] for i in range(len(data.test))))
-    x, y = torch.stack(list(xs)).float(), torch.as_tensor(ys, dtype=torch.long)
+    if cfg.data.name in RESTORATION_DATA:
+        # image restoration: the file takes one training patch's shape; the inputs are a 4 x 4 grid of
+        # crops of that size from each test image
+        from ..train.tasks import RESTORATION
+
+        data = RESTORATION.load_data(cfg, lambda m: None)
+        p = data.train.patch_size
+        crops = []
+        for i in range(len(data.test)):
+            img = data.test[i][0]
+            h, w = img.shape[-2:]
+            crops += [img[:, (h - p) * a // 3:(h - p) * a // 3 + p, (w - p) * b // 3:(w - p) * b // 3 + p]
+                      for a in range(4) for b in range(4)]
+        x, y = torch.stack(crops).float(), None
+    else:
+        data = load_data(cfg)
+        xs, ys = zip(*(data.test[i] for i in range(len(data.test))))
+        x, y = torch.stack(list(xs)).float(), torch.as_tensor(ys, dtype=torch.long)
     ref = fold_batchnorm(model, integer_bias=True) if fold_bn else model
     return check_onnx(path, ref, x, y)
 

@@ -24,7 +24,32 @@
 * ``layers``: per pruned layer or channel group ``name`` (groups: ``group:<first producer>``),
   ``channels_before``, ``channels_after``, ``target_sparsity``, ``tied`` (depthwise convs that lose
   the same channels), ``members`` (a group's other producers; empty for a layer);
-* ``skipped``: activations that were not pruned, with the reason.
+* ``skipped``: activations that were not pruned, with the reason;
+* ``task``: ``name`` (``classification`` or ``restoration``, :mod:`prunequant.train.tasks`), ``metric``
+  (the primary metric, a key of every phase: ``accuracy`` or ``psnr``), ``higher_is_better``, ``label``
+  (axis / column label).
+
+Image-restoration runs (``task.name`` ``restoration``: ``data.name`` ``sr_images`` or
+``denoise_images``) differ in these places:
+
+* each phase has ``psnr`` and ``ssim`` (test set, mean over its whole images; dB and SSIM on Y for
+  super-resolution after cutting ``scale`` pixels off each side, on the denoised channels for
+  denoising: :mod:`prunequant.metrics.image`), ``val_psnr`` and ``val_ssim`` (the validation image),
+  ``per_image`` (test image -> [psnr, ssim]) instead of ``accuracy`` / ``val_accuracy``, and no
+  ``density``; ``params`` ... ``deploy_weight_mbit`` are measured on one training-patch input
+  (``data.input_shape``, ``[C, patch_size, patch_size]``; MACs and activation memory grow with the
+  image's pixels);
+* ``reference``: the model-free baseline on the same images: ``name`` (``bicubic x<scale>``, or
+  ``noisy input`` for denoising), ``psnr``, ``ssim``, ``val_psnr``, ``per_image``;
+* ``data``: ``name``, ``source``, ``task`` (``sr`` / ``denoise``), ``train`` (patches per epoch), ``val``
+  and ``test`` (whole images), ``scale``, ``sigma`` (in [0, 1] units), ``border``, ``patch_size``,
+  ``input_shape``, ``train_images`` / ``val_images`` / ``test_images`` (the photographs used) and
+  ``degradation``; no ``num_classes``;
+* ``shrink_check``: per test image, ``samples_differing`` beyond float noise, ``max_abs_diff`` and
+  ``min_psnr_between`` (the lowest PSNR of the smaller model's output against the masked model's);
+  no ``argmax_agreement``;
+* ``figures``: ``["restoration.png"]``, a crop of the first test image: bicubic (or the noisy input),
+  the dense model, the compressed model and the ground truth side by side.
 """
 
 from __future__ import annotations
@@ -41,6 +66,52 @@ PHASE_LABELS = {"dense": "dense FP32", "pruned": "pruned (no recovery)",
 
 def _fmt_bits(v: list[int]) -> str:
     return "FP32" if v == [32] else "/".join(str(b) if b != 32 else "FP" for b in v)
+
+
+def _task(results: dict[str, Any]) -> dict[str, Any]:
+    return results.get("task") or {"name": "classification", "metric": "accuracy", "higher_is_better": True,
+                                   "label": "test accuracy (%)"}
+
+
+def _phase_table(results: dict[str, Any]) -> list[str]:
+    if _task(results)["name"] == "classification":
+        lines = [
+            "| phase | test acc % | params | MACs | BOPs | weights Mbit | acts Mbit | memory Mbit | "
+            "density %/Mbit | W bits | A bits |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for key, ph in results["phases"].items():
+            lines.append(
+                f"| {PHASE_LABELS.get(key, key)} | {ph['accuracy']:.2f} | {ph['params']:,} | "
+                f"{ph['macs']:,} | {ph['bops']:.3g} | {ph['weight_mbit']:.3f} | {ph['act_mbit']:.3f} | "
+                f"{ph['memory_mbit']:.3f} | {ph['density']:.2f} | {_fmt_bits(ph['weight_bits'])} | "
+                f"{_fmt_bits(ph['act_bits'])} |"
+            )
+        return lines
+    d = results["data"]
+    lines = [
+        f"| phase | {_task(results)['label']} | test SSIM | val PSNR (dB) | params | MACs | BOPs | "
+        "weights Mbit | acts Mbit | memory Mbit | W bits | A bits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    ref = results.get("reference")
+    if ref:
+        vp = "" if ref.get("val_psnr") is None else f"{ref['val_psnr']:.2f}"
+        lines.append(f"| {ref['name']} (reference) | {ref['psnr']:.2f} | {ref['ssim']:.4f} | {vp} | "
+                     "| | | | | | | |")
+    for key, ph in results["phases"].items():
+        vp = "" if ph.get("val_psnr") is None else f"{ph['val_psnr']:.2f}"
+        lines.append(
+            f"| {PHASE_LABELS.get(key, key)} | {ph['psnr']:.2f} | {ph['ssim']:.4f} | {vp} | "
+            f"{ph['params']:,} | {ph['macs']:,} | {ph['bops']:.3g} | {ph['weight_mbit']:.4f} | "
+            f"{ph['act_mbit']:.4f} | {ph['memory_mbit']:.4f} | {_fmt_bits(ph['weight_bits'])} | "
+            f"{_fmt_bits(ph['act_bits'])} |"
+        )
+    shape = "x".join(str(v) for v in d.get("input_shape", []))
+    lines += ["", f"MACs, BOPs and activation memory are per {shape} input (one training patch); they grow "
+                  "with the image's pixels. PSNR / SSIM: mean over the test images "
+                  f"({', '.join(d.get('test_images', []))}), border {d.get('border', 0)} cut off."]
+    return lines
 
 
 def summary_markdown(results: dict[str, Any]) -> str:
@@ -71,18 +142,12 @@ def summary_markdown(results: dict[str, Any]) -> str:
         lines.append(f"- measured on: {mach.get('cpu_class', '?')} ({cpu}), torch "
                      f"{mach.get('torch', '?')}; float training differs across CPU classes, so accuracies "
                      "from another class differ by a few tenths of a point")
-    lines += [
-        "",
-        "| phase | test acc % | params | MACs | BOPs | weights Mbit | acts Mbit | memory Mbit | "
-        "density %/Mbit | W bits | A bits |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
-    ]
-    for key, ph in results["phases"].items():
-        lines.append(
-            f"| {PHASE_LABELS.get(key, key)} | {ph['accuracy']:.2f} | {ph['params']:,} | {ph['macs']:,} | "
-            f"{ph['bops']:.3g} | {ph['weight_mbit']:.3f} | {ph['act_mbit']:.3f} | {ph['memory_mbit']:.3f} | "
-            f"{ph['density']:.2f} | {_fmt_bits(ph['weight_bits'])} | {_fmt_bits(ph['act_bits'])} |"
-        )
+    if d.get("degradation"):
+        lines.append(f"- task: {_task(results)['name']} ({d['degradation']}); training patches "
+                     f"{d['patch_size']}x{d['patch_size']}, {d['train']} per epoch from "
+                     f"{', '.join(d.get('train_images', []))}; validation "
+                     f"{', '.join(d.get('val_images', []))}")
+    lines += [""] + _phase_table(results)
     phases = results["phases"]
     if "pruned" in phases:
         note = (f"\n\"pruned (no recovery)\" is measured at step {phases['pruned'].get('step', '?')}, the "
@@ -93,7 +158,15 @@ def summary_markdown(results: dict[str, Any]) -> str:
                      "before the first quantizer turned on")
         lines += [note + "."]
     sc = results.get("shrink_check")
-    if sc and sc.get("samples"):
+    if sc and sc.get("samples") and "argmax_agreement" not in sc:
+        low = sc.get("min_psnr_between")
+        lines += ["", f"Masked vs physically smaller model on {sc['samples']:,} test images: "
+                      f"{sc['samples_differing']} differ beyond float noise (max abs diff "
+                      f"{sc['max_abs_diff']:.3g}; lowest PSNR of one output against the other "
+                      f"{'n/a' if low is None else format(low, '.1f')} dB). The two are the same function; "
+                      "float32 sums in another order can move an activation that sits on a quantizer's "
+                      "rounding boundary to the neighbouring code."]
+    elif sc and sc.get("samples"):
         lines += ["", f"Masked vs physically smaller model on {sc['samples']:,} test images: "
                       f"{sc['samples_differing']} differ beyond float noise (max abs diff "
                       f"{sc['max_abs_diff']:.3g}), argmax agreement {100 * sc['argmax_agreement']:.2f} %. "
@@ -106,6 +179,8 @@ def summary_markdown(results: dict[str, Any]) -> str:
                       f"{final['weight_mbit']:.3f} + {final['scale_bias_mbit']:.3f} = "
                       f"{final['deploy_weight_mbit']:.3f} Mbit "
                       "(`prunequant export --format packed --fold-bn`)."]
+    for fig in results.get("figures", []):
+        lines += ["", f"![{fig}]({fig})"]
     if results.get("layers"):
         lines += [
             "",
@@ -149,18 +224,22 @@ def plot_channels(results: dict[str, Any], path: str | Path) -> None:
 
 
 def plot_accuracy_memory(results: dict[str, Any], path: str | Path) -> None:
-    """Test accuracy vs memory (Mbit, log scale) of the run's phases."""
+    """The task's metric (test accuracy, or PSNR for image restoration) vs memory (Mbit, log scale) of
+    the run's phases."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    task = _task(results)
+    metric = task["metric"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for key, ph in results["phases"].items():
-        ax.scatter(ph["memory_mbit"], ph["accuracy"], s=60)
+        ax.scatter(ph["memory_mbit"], ph[metric], s=60)
+        note = f"\n{ph['density']:.1f} %/Mbit" if "density" in ph else ""
         ax.annotate(
-            f"{PHASE_LABELS.get(key, key)}\n{ph['density']:.1f} %/Mbit",
-            (ph["memory_mbit"], ph["accuracy"]),
+            f"{PHASE_LABELS.get(key, key)}{note}",
+            (ph["memory_mbit"], ph[metric]),
             textcoords="offset points",
             xytext=(6, 4),
             fontsize=8,
@@ -175,8 +254,12 @@ def plot_accuracy_memory(results: dict[str, Any], path: str | Path) -> None:
     ax.set_xlim(lo / 1.6, hi * 3.0)
     ax.margins(y=0.25)
     ax.set_xlabel("memory (Mbit, weights + activations, log scale)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Accuracy vs memory")
+    ref = results.get("reference")
+    if ref and ref.get(metric) is not None:
+        ax.axhline(ref[metric], color="grey", linestyle="--", linewidth=1, label=f"{ref['name']} (no model)")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_ylabel(task["label"])
+    ax.set_title("Accuracy vs memory" if metric == "accuracy" else f"{metric.upper()} vs memory")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))

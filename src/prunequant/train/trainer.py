@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 from tqdm.auto import tqdm
@@ -34,7 +33,6 @@ from ..config import RunConfig
 from ..data import DataBundle, DatasetError, load_dataset
 from ..graph.persist import save_pruned
 from ..metrics.measure import measure
-from ..models import build_model
 from ..quant.quantizers import ActQuantizer
 from ..recipe import RecipeError
 from ..runfolder import (
@@ -50,6 +48,7 @@ from ..runfolder import (
 from ..utils import eval_mode, load_tensor_file
 from . import checkpoint as ck
 from .compressor import Compressor
+from .tasks import CLASSIFICATION, Task, task_for
 
 FMNIST_DEFAULT = "/usr/share/datasets/fashion-mnist"
 
@@ -198,10 +197,18 @@ class _BatchStream:
         self.epoch_state = self.g.get_state()
         self.epoch += 1
         self.batch = 0
+        self._set_epoch()
         self._it = iter(self.loader)
         b = next(self._it)
         self.batch = 1
         return b
+
+    def _set_epoch(self) -> None:
+        """Datasets of random patches (``set_epoch``, image restoration) draw another seeded set of
+        patches in each epoch: epoch ``k`` (0-based, counted from the last restart) uses ``set_epoch(k)``."""
+        set_epoch = getattr(self.loader.dataset, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.epoch - 1)
 
     def position(self) -> tuple[dict[str, Tensor], dict[str, int]]:
         return {"loader.epoch_state": self.epoch_state.clone()}, {"epoch": self.epoch, "batch": self.batch}
@@ -216,6 +223,7 @@ class _BatchStream:
         self.epoch_state = tensors["loader.epoch_state"].clone()
         self.g.set_state(self.epoch_state)
         self.sampler.skip = self.batch
+        self._set_epoch()
         self._it = iter(self.loader)
 
 
@@ -282,27 +290,34 @@ def _train_steps(model: nn.Module, batches: Iterator, steps: int, lr: float | Ca
                  teacher: nn.Module | None = None, start: int = 0,
                  opt_state: dict[str, Tensor] | None = None,
                  after_step: Callable[[int, torch.optim.Optimizer], None] | None = None,
-                 job: parallel.Job | None = None) -> list[float]:
-    """Run SGD steps ``start`` .. ``steps - 1``. ``lr`` is a base rate (scheduled by ``train.scheduler``)
-    or a function of the step. With ``teacher``, the loss mixes in ``train.distill`` x KL to its soft
-    outputs. ``opt_state`` (:func:`checkpoint.optimizer_tensors`) continues a saved optimizer;
+                 job: parallel.Job | None = None, task: Task = CLASSIFICATION) -> list[float]:
+    """Run optimizer steps ``start`` .. ``steps - 1`` (SGD, or Adam with ``train.optimizer: adam``).
+    ``lr`` is a base rate (scheduled by ``train.scheduler``) or a function of the step. With
+    ``teacher``, the loss mixes in ``train.distill`` x the task's distillation loss (classification: KL
+    to its soft outputs). ``opt_state`` (:func:`checkpoint.optimizer_tensors`) continues a saved optimizer;
     ``after_step(k, opt)`` runs after ``on_step(k)`` (checkpoints). With a multi-process ``job`` the
-    model trains in DDP with BatchNorm over the global batch (:mod:`prunequant.parallel`)."""
+    model trains in DDP with BatchNorm over the global batch (:mod:`prunequant.parallel`). The loss is
+    ``task.loss`` (:mod:`prunequant.train.tasks`: cross-entropy for classification)."""
     job = job or parallel.Job(device=device)
     with parallel.synced_batchnorm(model):
         return _steps(model, parallel.wrap(model, job), batches, steps, lr, cfg, device, bar, phase,
-                      on_step, teacher, start, opt_state, after_step)
+                      on_step, teacher, start, opt_state, after_step, task)
 
 
 def _steps(model: nn.Module, net: nn.Module, batches: Iterator, steps: int,
            lr: float | Callable[[int], float], cfg: RunConfig, device: torch.device, bar: _Progress,
            phase: Callable[[], str], on_step: Callable[[int], None] | None, teacher: nn.Module | None,
            start: int, opt_state: dict[str, Tensor] | None,
-           after_step: Callable[[int, torch.optim.Optimizer], None] | None) -> list[float]:
+           after_step: Callable[[int, torch.optim.Optimizer], None] | None,
+           task: Task = CLASSIFICATION) -> list[float]:
     t = cfg.train
     lr_fn = lr if callable(lr) else (lambda k: _lr_at(lr, k, steps, t.scheduler))
-    opt = torch.optim.SGD(model.parameters(), lr=lr_fn(0), momentum=t.momentum,
-                          weight_decay=t.weight_decay, nesterov=t.momentum > 0)
+    if t.optimizer == "adam":
+        opt: torch.optim.Optimizer = torch.optim.Adam(model.parameters(), lr=lr_fn(0),
+                                                      weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=lr_fn(0), momentum=t.momentum,
+                              weight_decay=t.weight_decay, nesterov=t.momentum > 0)
     if opt_state:
         ck.load_optimizer(opt, opt_state)
     losses = []
@@ -314,12 +329,11 @@ def _steps(model: nn.Module, net: nn.Module, batches: Iterator, steps: int,
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         out = net(x)
-        loss = F.cross_entropy(out, y)
+        loss = task.loss(out, y)
         if teacher is not None and t.distill > 0:
             with torch.no_grad():
-                soft = F.log_softmax(teacher(x) / t.distill_temperature, dim=1)
-            kd = F.kl_div(F.log_softmax(out / t.distill_temperature, dim=1), soft, log_target=True,
-                          reduction="batchmean") * t.distill_temperature ** 2
+                teacher_out = teacher(x)
+            kd = task.distill_loss(out, teacher_out, t.distill_temperature)
             loss = (1.0 - t.distill) * loss + t.distill * kd
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -457,15 +471,16 @@ def compress_lr_schedule(cfg: RunConfig, steps: int, quant_begin: int | None) ->
     return fn
 
 
-def _phase_result(model: nn.Module, data: DataBundle, example: Tensor, device: torch.device,
-                  cfg: RunConfig) -> dict[str, Any]:
-    acc = evaluate(model, data.test, device, cfg.data.eval_batch_size)
-    val = evaluate(model, data.val, device, cfg.data.eval_batch_size) if len(data.val) else None
+def _phase_result(model: nn.Module, data: Any, example: Tensor, device: torch.device,
+                  cfg: RunConfig, task: Task = CLASSIFICATION) -> dict[str, Any]:
+    """The task's metrics (classification: ``accuracy``, ``val_accuracy``; restoration: ``psnr``,
+    ``ssim``, ``val_psnr``, ...), then :func:`measure` on ``example`` and the bit-widths in use."""
+    metrics, dens = task.phase_metrics(model, data, device, cfg)
     m = measure(model, example)
     aq = [a.bits for a in model.modules() if isinstance(a, ActQuantizer) and bool(a.enabled)]
     wb = sorted({r.weight_bits for r in m.layers})
     return {
-        "accuracy": acc, "val_accuracy": val, **m.as_dict(), "density": m.density(acc),
+        **metrics, **m.as_dict(), **({"density": m.density(dens)} if dens is not None else {}),
         "weight_bits": wb, "act_bits": sorted(set(aq)) or [32],
     }
 
@@ -620,16 +635,10 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
             device = job.device
             ckpt_path = cfg.train.dense_checkpoint
             own_dense = bool(ckpt_path) and Path(ckpt_path).resolve() == (out / "dense.pt").resolve()
+            task = task_for(cfg)
             dense_state = load_dense_checkpoint(ckpt_path) if ckpt_path else None
-            data = load_data(cfg, log)
-            try:
-                model = build_model(cfg.model.name, num_classes=data.num_classes,
-                                    in_channels=data.in_channels, image_size=data.image_size,
-                                    width=cfg.model.width).to(device)
-            except ValueError as e:
-                raise RecipeError(f"model: {cfg.model.name} cannot be built for {data.name} "
-                                  f"({data.in_channels}x{data.image_size}x{data.image_size} images): "
-                                  f"{e}") from None
+            data = task.load_data(cfg, log)
+            model = task.build_model(cfg, data).to(device)
             if dense_state is not None:
                 load_dense_state(model, dense_state, cfg, data.name)
                 del dense_state
@@ -639,8 +648,7 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
             if spe < 1:
                 raise DatasetError(f"data.batch_size={cfg.data.batch_size} is larger than the training set "
                                    f"({len(data.train)} images)")
-            example = next(iter(DataLoader(data.val if len(data.val) else data.train, batch_size=8)))[0]
-            example = example.to(device)
+            example = task.example(data).to(device)
             dense_steps = 0 if ckpt_path else int(round(cfg.train.dense_epochs * spe))
             comp_steps = max(1, int(round(cfg.train.epochs * spe)))
             _check_schedule_fits(model, cfg, example, spe, comp_steps)
@@ -728,7 +736,7 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
                           lambda: ckw.save("dense", k + 1, k + 1, model, opt, {}))
 
             _train_steps(model, stream, dense_steps, cfg.train.lr, cfg, device, bar, dense_name, start=start,
-                         opt_state=opt_state, after_step=dense_after, job=job)
+                         opt_state=opt_state, after_step=dense_after, job=job, task=task)
             state = opt_state = None
             if folder is not None:
                 folder.save_tensors("dense.pt", model.state_dict())
@@ -743,7 +751,7 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
             results["phases"]["dense"] = meta["results"]["dense"]
         elif job.main:  # evaluation is done once, by rank 0
             bar.phase("evaluating dense")
-            results["phases"]["dense"] = _phase_result(model, data, example, device, cfg)
+            results["phases"]["dense"] = _phase_result(model, data, example, device, cfg, task)
 
         # ---- compression
         t = time.time()
@@ -774,11 +782,11 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
                 return
             if "pruned" not in snap and comp.spec is not None and comp.pruning_done:
                 bar.phase("evaluating pruned")
-                snap["pruned"] = _phase_result(cmodel, data, example, device, cfg)
+                snap["pruned"] = _phase_result(cmodel, data, example, device, cfg, task)
                 snap["pruned"]["step"] = comp.step_count
             if comp.step_count == recovered_at and "pruned_finetuned" not in snap:
                 bar.phase("evaluating pruned + fine-tuned")
-                snap["pruned_finetuned"] = _phase_result(cmodel, data, example, device, cfg)
+                snap["pruned_finetuned"] = _phase_result(cmodel, data, example, device, cfg, task)
                 snap["pruned_finetuned"]["step"] = comp.step_count
                 snap["pruned_finetuned"]["finetune_steps"] = comp.step_count - tl.prune_end
 
@@ -794,7 +802,7 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
         state = None
         _train_steps(cmodel, stream, comp_steps, lr_fn, cfg, device, bar,
                      lambda: _compress_phase_name(comp), on_step, teacher=teacher, start=start,
-                     opt_state=opt_state, after_step=comp_after, job=job)
+                     opt_state=opt_state, after_step=comp_after, job=job, task=task)
         del teacher, opt_state
         final = comp.finalize()
         agree = _ranks_agree(comp.model)
@@ -803,10 +811,10 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
         timings["compress_s"] = time.time() - t
         bar.phase("evaluating final")
         results["phases"].update(snap)
-        results["phases"]["final"] = _phase_result(final, data, example, device, cfg)
+        results["phases"]["final"] = _phase_result(final, data, example, device, cfg, task)
         bar.phase("checking masked == smaller")
-        results["shrink_check"] = _shrink_check(comp.model, final, data.test, device,
-                                                cfg.data.eval_batch_size)
+        results["shrink_check"] = task.shrink_check(comp.model, final, data.test, device,
+                                                    cfg.data.eval_batch_size)
         folder.save_tensors("masked.pt", comp.model.state_dict())
         if comp.plan.sites:
             save_pruned(final, out / "model")
@@ -820,7 +828,14 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
         timings["total_s"] = time.time() - t0
         if ckw.written:
             timings["checkpoints_written"] = len(ckw.written)
-        _final_results(results, data, spe, dense_steps, comp_steps, comp, timings, device)
+        _final_results(results, data, spe, dense_steps, comp_steps, comp, timings, device, task)
+        if task is not CLASSIFICATION:
+            bar.phase("reference")
+            results["reference"] = task.reference(data)
+            dense_model = task.build_model(cfg, data).to(device)
+            dense_file = Path(ckpt_path) if ckpt_path else out / "dense.pt"
+            dense_model.load_state_dict(load_tensor_file(dense_file, RecipeError, str(dense_file)))
+            results["figures"] = task.figures(out, cfg, data, dense_model, final, device)
         if job.world > 1:
             results["processes"] = {"world_size": job.world, "backend": torch.distributed.get_backend(),
                                     "global_batch": cfg.data.batch_size,
@@ -853,12 +868,12 @@ def _ranks_agree(model: nn.Module) -> bool:
     return all(torch.equal(g["sha256"], got[0]["sha256"]) for g in got)
 
 
-def _final_results(results: dict[str, Any], data: DataBundle, spe: int, dense_steps: int, comp_steps: int,
-                   comp: Compressor, timings: dict[str, Any], device: torch.device) -> None:
+def _final_results(results: dict[str, Any], data: Any, spe: int, dense_steps: int, comp_steps: int,
+                   comp: Compressor, timings: dict[str, Any], device: torch.device,
+                   task: Task = CLASSIFICATION) -> None:
     results.update({
-        "data": {"name": data.name, "source": data.source, "train": len(data.train), "val": len(data.val),
-                 "test": len(data.test), "num_classes": data.num_classes,
-                 "input_shape": [data.in_channels, data.image_size, data.image_size]},
+        "task": task.as_dict(data),
+        "data": task.data_info(data),
         "steps_per_epoch": spe,
         "steps": {"dense": dense_steps, "compress": comp_steps},
         "timeline": comp.timeline.as_dict(),
