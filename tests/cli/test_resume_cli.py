@@ -205,3 +205,30 @@ def test_overwrite_removes_the_earlier_run(run: Path, tmp_path: Path, capsys: Ca
     assert json.loads((run / "config.json").read_text())["train"]["seed"] == 1
     assert (run / "notes.txt").read_text() == "mine\n"
     assert torch.load(run / "masked.pt", weights_only=True)
+
+
+def test_resume_a_run_an_older_prunequant_started(run: Path, capsys: Cap) -> None:
+    """A run whose config.json lacks fields a newer prunequant added (with defaults) resumes: its
+    checkpoints carry the digest of config.json as it was written, not as it is re-read."""
+    from prunequant.runfolder import RunFolder
+    from prunequant.train.trainer import _config_digest
+
+    cfg = json.loads((run / "config.json").read_text())
+    for k in ("patch_size", "patches_per_epoch", "sigma", "channels", "scale"):
+        cfg["data"].pop(k, None)  # fields this version added
+    cfg["train"].pop("optimizer", None)
+    (run / "config.json").write_text(json.dumps(cfg))
+    folder = RunFolder(run, existing=True)
+    folder.record("config.json")
+    listed = json.loads((run / "manifest.json").read_text())["files"]
+    for name in [n for n in listed if n.startswith("checkpoints/")]:
+        state = torch.load(run / name, weights_only=True)
+        meta = json.loads(bytes(state["meta"].tolist()).decode())
+        meta["config_sha256"] = _config_digest(cfg)  # what the older version wrote
+        state["meta"] = torch.frombuffer(bytearray(json.dumps(meta).encode()), dtype=torch.uint8)
+        torch.save(state, run / name)
+        folder.record(name)
+    capsys.readouterr()
+    assert main(["run", "--resume", str(run), "--no-progress"]) == 0
+    assert "resuming" in capsys.readouterr().out
+    assert "report.json" in json.loads((run / "manifest.json").read_text())["files"]

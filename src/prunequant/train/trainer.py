@@ -422,8 +422,8 @@ def _config_digest(cfg_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def read_run_config(run_dir: str | Path) -> RunConfig:
-    """The configuration stored in an (unfinished) run folder, checked against its manifest."""
+def _stored_config(run_dir: str | Path) -> dict[str, Any]:
+    """``config.json`` of a run folder as written, checked against its manifest."""
     p = Path(run_dir)
     files = read_manifest(p) or {}
     try:
@@ -433,7 +433,14 @@ def read_run_config(run_dir: str | Path) -> RunConfig:
         raise RecipeError(f"--resume: {e}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RecipeError(f"--resume: {p / CONFIG}: not valid JSON ({e})") from None
-    return RunConfig.from_dict(data, where=str(p / CONFIG))
+    if not isinstance(data, dict):
+        raise RecipeError(f"--resume: {p / CONFIG}: not a run configuration (a JSON object)")
+    return data
+
+
+def read_run_config(run_dir: str | Path) -> RunConfig:
+    """The configuration stored in an (unfinished) run folder, checked against its manifest."""
+    return RunConfig.from_dict(_stored_config(run_dir), where=str(Path(run_dir) / CONFIG))
 
 
 def config_changes(stored: RunConfig, given: RunConfig) -> list[str]:
@@ -616,7 +623,11 @@ def _run_job(cfg: RunConfig, out_dir: str | Path, log: Callable[[str], None], re
             cfg_dict = cfg.to_dict()
             digest = _config_digest(cfg_dict)
             if resume:
-                changes = config_changes(read_run_config(out), cfg)
+                stored = _stored_config(out)
+                # Checkpoints carry the digest of config.json as the interrupted run wrote it, so a newer
+                # prunequant that adds (defaulted) fields still resumes a run an older one started.
+                digest = _config_digest(stored)
+                changes = config_changes(RunConfig.from_dict(stored, where=str(out / CONFIG)), cfg)
                 if changes:
                     more = f" (and {len(changes) - 3} more)" if len(changes) > 3 else ""
                     raise RecipeError(
