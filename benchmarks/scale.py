@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                  nprocs=w, join=True)
         tmp.unlink(missing_ok=True)
         r = json.loads(res_path.read_text())
+        res_path.unlink()
         r.update(model=a.model, batch=a.batch)
         rows.append(r)
         ms = {k: round(r[k]["step_s"] * 1000) for k in ("dense", "pruning", "qat")}
