@@ -41,6 +41,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from memory import jump_to_qat  # noqa: E402  (benchmarks/memory.py)
+
 from prunequant import Compressor, parallel  # noqa: E402
 from prunequant.export.cpu import machine_info  # noqa: E402
 from prunequant.models import build_model  # noqa: E402
@@ -175,15 +177,8 @@ def _measure(rank: int, world: int, args: dict[str, Any], out: str, threads: int
     window("pruning", comp.model, comp_step)
     res["pruning"]["mask_recompute_s"] = max(step_times)  # the step at which the first mask is chosen
     res["pruning"]["comp_step_median_s"] = statistics.median(step_times)
-    # QAT: freeze every mask where it is now and turn every quantizer on (skip the rest of the schedule).
-    for m in comp._masks:
-        m.collecting.fill_(False)
-        m.frozen.fill_(True)
-    comp.model.pq_step.fill_(comp.total_steps_hint + 1)
-    for wq in comp._wq.values():
-        wq.enabled.fill_(True)
-    for aq in comp._aq:
-        aq.enabled.fill_(True)
+    # QAT: every mask frozen at its target, every quantizer on (the rest of the schedule skipped).
+    jump_to_qat(comp)
     window("qat", comp.model, comp.step)
 
     # A checkpoint as prunequant run writes it: model + optimizer + every rank's random states.
