@@ -229,45 +229,51 @@ class ShardedBatches:
 
 
 # ----------------------------------------------------------------------------------- BatchNorm
-class _AllSum(torch.autograd.Function):
-    """Sum over ranks with its gradient: every rank's loss depends on the sum, so the gradient of a
-    rank's contribution is the sum of the ranks' gradients."""
+class _AllGather(torch.autograd.Function):
+    """The ranks' equal-shape tensors stacked in rank order (``[world, ...]``), with its gradient: a
+    rank's tensor feeds every rank's result, so its gradient is its row of the sum of the ranks'
+    gradients."""
 
     @staticmethod
     def forward(ctx, t: Tensor) -> Tensor:  # noqa: D401
-        out = t.detach().clone()
-        torch.distributed.all_reduce(out)
-        return out
+        parts = [torch.empty_like(t) for _ in range(world_size())]
+        torch.distributed.all_gather(parts, t.detach().contiguous())
+        return torch.stack(parts)
 
     @staticmethod
     def backward(ctx, g: Tensor) -> Tensor:  # noqa: D401
         g = g.contiguous().clone()
         torch.distributed.all_reduce(g)
-        return g
+        return g[rank()]
 
 
 def _sync_bn_forward(self: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """Training-mode BatchNorm over the global batch: per-channel mean and (biased) variance from sums
-    all-reduced across ranks (two-pass, autograd through the reduction), running statistics updated as
+    """Training-mode BatchNorm over the global batch: each rank's per-channel count, mean and sum of
+    squared deviations (``torch.var_mean``) gathered in one collective and combined exactly as the
+    parallel (Chan et al.) variance formula does, which stays accurate whatever the mean; autograd
+    runs through the gather (one collective in backward). Running statistics are updated as
     ``nn.BatchNorm`` does. Eval mode and one process: the ordinary BatchNorm."""
     if not (self.training and world_size() > 1):
         return nn.modules.batchnorm._BatchNorm.forward(self, x)
     self._check_input_dim(x)
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
-    # one collective for the sums and the global element count (ranks may hold unequal batches)
-    sums = _AllSum.apply(torch.cat([x.sum(dims), x.new_tensor([x.numel() // x.shape[1]])]))
-    n = float(sums[-1].detach())
-    mean = sums[:-1] / n
-    xc = x - mean.reshape(shape)
-    var = _AllSum.apply((xc * xc).sum(dims)) / n
+    c = x.shape[1]
+    var_r, mean_r = torch.var_mean(x, dim=dims, unbiased=False)
+    n_r = x.numel() // c
+    # one collective: [count, mean, M2] of every rank (ranks may hold unequal batches)
+    parts = _AllGather.apply(torch.cat([x.new_tensor([n_r]), mean_r, var_r * n_r]))
+    counts, means, m2s = parts[:, :1], parts[:, 1:c + 1], parts[:, c + 1:]
+    n = float(counts.detach().sum())
+    mean = (counts * means).sum(0) / n
+    var = (m2s + counts * (means - mean) ** 2).sum(0) / n
     if self.track_running_stats and self.running_mean is not None:
         with torch.no_grad():
             self.num_batches_tracked.add_(1)
             m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
             self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
             self.running_var.mul_(1 - m).add_(var.detach() * (n / max(n - 1, 1)), alpha=m)
-    y = xc * torch.rsqrt(var + self.eps).reshape(shape)
+    y = (x - mean.reshape(shape)) * torch.rsqrt(var + self.eps).reshape(shape)
     if self.affine:
         y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
     return y
