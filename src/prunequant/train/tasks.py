@@ -20,6 +20,7 @@ same for both; it only calls :meth:`Task.loss` where it computed the cross-entro
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ from ..utils import eval_mode
 __all__ = ["CLASSIFICATION", "RESTORATION", "ClassificationTask", "RestorationTask", "Task", "task_for"]
 
 
-class Task:
-    """The task-specific pieces of a run (see the module docs)."""
+class Task(ABC):
+    """The task-specific pieces of a run (see the module docs); each task implements the abstract
+    methods."""
 
     name = ""
     metric = ""  # the primary metric: a key of every phase result
@@ -48,37 +50,46 @@ class Task:
         return {"name": self.name, "metric": self.metric, "higher_is_better": self.higher_is_better,
                 "label": self.metric_label(data)}
 
+    @abstractmethod
     def metric_label(self, data: Any) -> str:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def load_data(self, cfg: RunConfig, log: Callable[[str], None]) -> Any:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def build_model(self, cfg: RunConfig, data: Any) -> nn.Module:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def example(self, data: Any) -> Tensor:
         """A batch of model inputs (tracing, :func:`prunequant.measure` on its first sample)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def loss(self, out: Tensor, target: Tensor) -> Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def distill_loss(self, out: Tensor, teacher_out: Tensor, temperature: float) -> Tensor:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def phase_metrics(self, model: nn.Module, data: Any, device: torch.device, cfg: RunConfig
                       ) -> tuple[dict[str, Any], float | None]:
         """The phase's metrics (report keys first in a phase result) and the value ``density`` divides
         by the memory (``None``: no density)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def shrink_check(self, masked: nn.Module, final: nn.Module, dataset: Any, device: torch.device,
                      batch_size: int) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def data_info(self, data: Any) -> dict[str, Any]:
-        raise NotImplementedError
+        ...
 
     def reference(self, data: Any) -> dict[str, Any] | None:
         """A model-free reference on the same test / validation sets (``None``: there is none)."""
