@@ -483,6 +483,9 @@ class WeightQuantizer(_CacheMixin, nn.Module):
         return f"bits={self.bits}, {kind}, power_of_two={self.power_of_two}{clip}{rng}"
 
 
+_NO_DATA = "ActQuantizer is enabled but has never seen data; run a training or calibration pass first"
+
+
 class ActQuantizer(_CacheMixin, nn.Module):
     """Asymmetric per-tensor activation fake-quantizer with running-mean min/max bounds.
 
@@ -542,15 +545,15 @@ class ActQuantizer(_CacheMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Fake-quantized activation when enabled."""
-        if (not self.training or bool(self.frozen)) and _use_cache(x):
+        gathering = self.training and not bool(self.frozen)
+        if not gathering and _use_cache(x):
             return self._forward_cached(x)
         if not bool(self.enabled):
             return x
-        if self.training and not bool(self.frozen):
+        if gathering:
             self._observe(x)
         if self.stat_count <= 0:  # enabled in eval without calibration: nothing to quantize with
-            raise RuntimeError("ActQuantizer is enabled but has never seen data; run a training or "
-                               "calibration pass first")
+            raise RuntimeError(_NO_DATA)
         step, zp = self.qparams()
         return fake_quantize(x, step.to(x.device, x.dtype), zp.to(x.device), self.qmin, self.qmax)
 
@@ -566,8 +569,7 @@ class ActQuantizer(_CacheMixin, nn.Module):
                 v = {"off": True}
             else:
                 if self.stat_count <= 0:
-                    raise RuntimeError("ActQuantizer is enabled but has never seen data; run a training or "
-                                       "calibration pass first")
+                    raise RuntimeError(_NO_DATA)
                 with torch.inference_mode(False), torch.no_grad():  # usable outside inference mode
                     step, zp = self.qparams()
                     v = {"off": False, "step": step.to(x.device, x.dtype), "zp": zp.to(x.device).to(x.dtype),
