@@ -62,14 +62,13 @@ def is_main() -> bool:
 
 @dataclass
 class Job:
-    """The processes of one run: ``rank`` of ``world``, the device this rank trains on and the device
-    its collectives use (CUDA for NCCL, CPU for gloo). ``owned``: the group was created here and is
-    destroyed by :meth:`close`."""
+    """The processes of one run: ``rank`` of ``world`` and the device this rank trains on (collectives
+    run on it with NCCL, on the CPU with gloo). ``owned``: the group was created here and is destroyed
+    by :meth:`close`."""
 
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
-    comm_device: torch.device = torch.device("cpu")
     owned: bool = False
 
     @property
@@ -91,7 +90,7 @@ def start(device: torch.device) -> Job:
     """
     dist = torch.distributed
     if not initialized() and env_world_size() <= 1:
-        return Job(device=device, comm_device=torch.device("cpu"))
+        return Job(device=device)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     owned = False
@@ -103,9 +102,7 @@ def start(device: torch.device) -> Job:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                                 timeout=TIMEOUT)
         owned = True
-    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
-    return Job(rank=dist.get_rank(), world=dist.get_world_size(), device=device, comm_device=comm,
-               owned=owned)
+    return Job(rank=dist.get_rank(), world=dist.get_world_size(), device=device, owned=owned)
 
 
 # ----------------------------------------------------------------------------------- collectives
